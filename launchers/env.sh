@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Create (once) or reuse the project's virtual environment, then run a task in it.
+#   bash launchers/env.sh pretrain [key=value ...]   the demo pretraining job
+#   bash launchers/env.sh test [pytest args ...]      the test suite
+#   bash launchers/env.sh setup                       only build the environment
+# The environment is rebuilt when pyproject.toml is newer than it.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+VENV=${MAESCALE_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+STAMP="$VENV/.maescale-installed"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+ensure_venv_module() {
+  # Debian/Ubuntu ship `venv` (and ensurepip) in a separate package.
+  if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    echo "env.sh: installing python3-venv with apt-get" >&2
+    as_root apt-get update -qq
+    as_root apt-get install -y -qq python3-venv
+  fi
+}
+
+setup() {
+  if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then
+    return
+  fi
+  ensure_venv_module
+  echo "env.sh: building $VENV (PyTorch is large: a few minutes the first time)" >&2
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e '.[test]'
+  touch "$STAMP"
+}
+
+task=${1:-}
+shift || true
+setup
+case "$task" in
+  setup) ;;
+  pretrain) exec "$VENV/bin/maescale" pretrain --config configs/pretrain/demo.yaml "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: bash launchers/env.sh {setup|pretrain|test} [args...]" >&2; exit 2 ;;
+esac

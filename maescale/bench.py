@@ -1,0 +1,85 @@
+"""Steady-state training throughput of the bare model step (forward, backward, AdamW).
+
+This is the yardstick the trainer is compared against: random images already on
+the device, no data loading, no logging; warm-up steps (and compilation) are
+excluded from the timing.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from .models import build_model
+from .optim import param_groups
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train_step(
+    model_name: str,
+    *,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    compile: bool = False,
+    steps: int = 10,
+    warmup: int = 3,
+    device: str | None = None,
+    seed: int = 0,
+    **model_overrides,
+) -> dict:
+    """Time `steps` optimizer steps after `warmup` untimed ones; returns images/s and step time."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    model = build_model(model_name, **model_overrides).to(device)
+    if compile:
+        model.compile()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
+    img_size = model.patch_embed.img_size[0]
+    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def step() -> torch.Tensor:
+        with autocast:
+            loss, _, _ = model(images)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    return {
+        "model": model_name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "batch_size": batch_size,
+        "precision": precision,
+        "compile": compile,
+        "steps": steps,
+        "step_time_ms": 1000 * elapsed / steps,
+        "images_per_sec": batch_size * steps / elapsed,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "final_loss": float(loss),
+    }
+
+
+def format_result(result: dict) -> str:
+    memory = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
+    return (
+        f"{result['model']} on {result['device']}: batch {result['batch_size']} {result['precision']}"
+        f"{' compiled' if result['compile'] else ''}: {result['images_per_sec']:.1f} images/s, "
+        f"{result['step_time_ms']:.1f} ms/step{memory}"
+    )

@@ -1,0 +1,273 @@
+"""Typed run configuration: defaults <- YAML file <- dotlist overrides.
+
+Every key is a dataclass field with a help text; loading goes through the
+schema, so an unknown key or a value of the wrong type fails with the key's
+name (and the closest valid key) before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with a default and a help text shown by `--help`."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("mae_vit_tiny_patch4", "Named MAE configuration, e.g. mae_vit_base_patch16.")
+    img_size: Optional[int] = opt(None, "Input resolution; None keeps the named model's.")
+    patch_size: Optional[int] = opt(None, "Patch size; None keeps the named model's.")
+    mask_ratio: float = opt(0.75, "Fraction of patches removed before the encoder, in (0, 1).")
+    norm_pix_loss: bool = opt(True, "Regress per-patch normalised pixels (the paper's best setting).")
+    decoder_embed_dim: Optional[int] = opt(None, "Decoder width; None keeps the named model's.")
+    decoder_depth: Optional[int] = opt(None, "Decoder blocks; None keeps the named model's.")
+    decoder_num_heads: Optional[int] = opt(None, "Decoder heads; None keeps the named model's.")
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["synthetic", "folder"] = opt("synthetic", "Dataset kind: synthetic (embedded) or folder (ImageNet layout).")
+    path: Optional[str] = opt(None, "Dataset root for kind=folder: <root>/<class>/*.jpg or a split folder.")
+    batch_size: int = opt(64, "Images per process per micro-batch.")
+    num_workers: int = opt(2, "DataLoader worker processes per process (0 = load in the main process).")
+    synthetic_size: int = opt(20000, "Number of images of the synthetic dataset.")
+    crop_min_scale: float = opt(0.2, "Lower area bound of RandomResizedCrop (paper: 0.2).")
+
+
+@dataclass
+class OptimConfig:
+    blr: float = opt(1.5e-4, "Base learning rate; lr = blr * effective_batch / 256.")
+    lr: Optional[float] = opt(None, "Absolute learning rate; overrides blr when set.")
+    min_lr: float = opt(0.0, "Floor of the cosine schedule.")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not applied to biases and 1-D parameters).")
+    beta1: float = opt(0.9, "AdamW beta1.")
+    beta2: float = opt(0.95, "AdamW beta2 (paper: 0.95).")
+    clip_grad: Optional[float] = opt(None, "Clip the global gradient norm to this value; None = no clipping.")
+    fused: bool = opt(False, "Use the fused AdamW kernel (faster on GPU).")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = opt(800, "Training epochs; the cosine schedule spans all of them.")
+    warmup_epochs: float = opt(40, "Linear warmup length in epochs, applied per iteration.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (schedule still spans `epochs`).")
+    accum_iter: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 runs the forward under bf16 autocast.")
+    compile: bool = opt(False, "torch.compile the model.")
+    log_every: int = opt(10, "Optimizer steps between metric lines (the only host syncs of the loop).")
+    figure_every: Optional[int] = opt(None, "Optimizer steps between reconstruction figures; the last step always gets one.")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["ddp"] = opt("ddp", "How processes share the model; ddp on one process is plain training.")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = opt(1000, "Optimizer steps between checkpoints; one is also written at the end.")
+    keep_last: int = opt(3, "Number of step checkpoints to keep (older ones are deleted).")
+    resume: str = opt("auto", "'auto' resumes from the newest complete checkpoint in output_dir, 'none' starts fresh, or a checkpoint folder path.")
+
+
+@dataclass
+class Config:
+    output_dir: str = opt("runs/demo", "Run folder: config.yaml, metrics.jsonl, tensorboard/, figures/, checkpoints/.")
+    seed: int = opt(0, "Seed of the data order, augmentation, masks and initialisation.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+DERIVED = "derived"
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override, naming the key."""
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated Config from defaults, an optional YAML file and `key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(tree).__name__}")
+        tree.pop(DERIVED, None)  # informational values written by save_resolved
+        _merge_tree(cfg, tree, prefix="")
+    for item in overrides:
+        key, value = _split_override(item)
+        set_key(cfg, key, yaml.safe_load(value) if value != "" else "")
+    validate(cfg)
+    return cfg
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.blr=1e-4")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _merge_tree(node: Any, tree: dict, prefix: str) -> None:
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and dataclasses.is_dataclass(_child(node, key, full)):
+            _merge_tree(getattr(node, key), value, prefix=f"{full}.")
+        else:
+            set_key(node, key, value, full_key=full)
+
+
+def _child(node: Any, key: str, full_key: str) -> Any:
+    names = [f.name for f in dataclasses.fields(node)]
+    if key not in names:
+        raise ConfigError(_unknown_key_message(full_key, key, names))
+    return getattr(node, key)
+
+
+def _unknown_key_message(full_key: str, key: str, names: list[str]) -> str:
+    prefix = full_key[: -len(key)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys here: {', '.join(prefix + n for n in names)}"
+    return f"unknown config key {full_key!r}{hint}"
+
+
+def set_key(node: Any, key: str, value: Any, full_key: str | None = None) -> None:
+    """Set a dotted `key` under dataclass `node`, converting `value` to the field's type."""
+    full_key = full_key or key
+    *parents, leaf = key.split(".")
+    walked = full_key[: len(full_key) - len(key)]
+    for part in parents:
+        walked += part
+        node = _child(node, part, walked)
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"config key {walked!r} is a value, not a section")
+        walked += "."
+    _child(node, leaf, walked + leaf)
+    hint = typing.get_type_hints(type(node))[leaf]
+    if dataclasses.is_dataclass(hint):
+        raise ConfigError(f"config key {walked + leaf!r} is a section; set its keys, e.g. {walked + leaf}.<key>=...")
+    setattr(node, leaf, _coerce(value, hint, walked + leaf))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type `hint`, converting only lossless cases (int->float, '1e-4'->float)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with the key's name, before any work starts."""
+    checks = [
+        (0.0 < cfg.model.mask_ratio < 1.0, "model.mask_ratio must be in (0, 1)"),
+        (cfg.data.batch_size > 0, "data.batch_size must be positive"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.synthetic_size > 0, "data.synthetic_size must be positive"),
+        (0.0 < cfg.data.crop_min_scale <= 1.0, "data.crop_min_scale must be in (0, 1]"),
+        (cfg.data.kind != "folder" or cfg.data.path, "data.path is required when data.kind=folder"),
+        (cfg.optim.blr > 0, "optim.blr must be positive"),
+        (cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr must be positive"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "optim.clip_grad must be positive or null"),
+        (cfg.schedule.epochs > 0, "schedule.epochs must be positive"),
+        (0 <= cfg.schedule.warmup_epochs <= cfg.schedule.epochs, "schedule.warmup_epochs must be in [0, schedule.epochs]"),
+        (cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps must be positive or null"),
+        (cfg.train.accum_iter > 0, "train.accum_iter must be positive"),
+        (cfg.train.log_every > 0, "train.log_every must be positive"),
+        (cfg.train.figure_every is None or cfg.train.figure_every > 0, "train.figure_every must be positive or null"),
+        (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
+        (cfg.checkpoint.keep_last > 0, "checkpoint.keep_last must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    img, patch = cfg.model.img_size, cfg.model.patch_size
+    if img is not None and patch is not None and img % patch:
+        raise ConfigError(f"model.img_size={img} is not divisible by model.patch_size={patch}")
+
+
+# ---------------------------------------------------------------- output
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Config, path: str | Path, derived: dict) -> None:
+    """Write the config plus derived values (lr, effective batch) next to the run."""
+    tree = to_dict(cfg)
+    tree[DERIVED] = derived
+    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def describe_keys(node: Any = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf key, for `--help`."""
+    node = Config() if node is None else node
+    rows = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_keys(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
+    return rows

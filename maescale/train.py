@@ -1,0 +1,327 @@
+"""The MAE pretraining loop.
+
+`pretrain(cfg)` builds everything from the config, resumes from the newest
+complete checkpoint, and runs optimizer steps until `train.max_steps` or the
+end of the schedule. The step itself is sync-free: the loss stays on the
+device and is read (`.item()`) only on logging steps.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import Config, save_resolved
+from .data import Batch, EpochLoader, build_loader
+from .metrics import MetricsLogger, Throughput
+from .models import build_model
+from .optim import build_optimizer, effective_batch, lr_at, peak_lr, set_lr
+from .viz import save_reconstruction_figure
+
+FIGURE_IMAGES = 8
+FINAL_FIGURE = "reconstruction.png"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; no checkpoint was written after it happened."""
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint must restore (the data position derives from `step`)."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+@dataclass
+class Schedule:
+    """Step counts and lr derived from the config and the data size."""
+
+    steps_per_epoch: int
+    total_steps: int
+    last_step: int
+    peak_lr: float
+    effective_batch: int
+
+    def lr(self, step: int, cfg: Config) -> float:
+        return lr_at(
+            step,
+            peak=self.peak_lr,
+            min_lr=cfg.optim.min_lr,
+            steps_per_epoch=self.steps_per_epoch,
+            warmup_epochs=cfg.schedule.warmup_epochs,
+            epochs=cfg.schedule.epochs,
+        )
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked after each step, so the step finishes and a
+    checkpoint is written; a second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+def build_schedule(cfg: Config, loader: EpochLoader, world_size: int) -> Schedule:
+    steps_per_epoch = loader.batches_per_epoch // cfg.train.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the dataset gives {loader.batches_per_epoch} batches per process per epoch, fewer than "
+            f"train.accum_iter={cfg.train.accum_iter}: lower data.batch_size or train.accum_iter"
+        )
+    total = steps_per_epoch * cfg.schedule.epochs
+    last = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    return Schedule(steps_per_epoch, total, last, peak_lr(cfg, world_size), effective_batch(cfg, world_size))
+
+
+def micro_batches(loader: EpochLoader, first_step: int, steps_per_epoch: int, accum: int) -> Iterator[list[Batch]]:
+    """Yield the micro-batches of each optimizer step from `first_step` on, across epochs.
+
+    The position in the data is a pure function of the step, which is what makes a
+    resumed run see exactly the batches an uninterrupted run would have seen.
+    """
+    epoch, step_in_epoch = divmod(first_step, steps_per_epoch)
+    while True:
+        batches = loader.epoch(epoch, start_batch=step_in_epoch * accum)
+        for _ in range(steps_per_epoch - step_in_epoch):
+            yield [next(batches) for _ in range(accum)]
+        batches.close()  # the tail of an epoch shorter than `accum` is not used
+        epoch, step_in_epoch = epoch + 1, 0
+
+
+def train_step(model, optimizer, accelerator: Accelerator, batches: list[Batch], clip_grad: float | None) -> torch.Tensor:
+    """One optimizer step over `batches` (gradient accumulation); returns the mean loss on device."""
+    total = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        images = batch.images.to(accelerator.device, non_blocking=True)
+        is_last = i == len(batches) - 1
+        with nullcontext() if is_last else accelerator.no_sync(model):
+            loss, _, _ = model(images)
+            accelerator.backward(loss / len(batches))
+        total += loss.detach().float()
+    if clip_grad is not None:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(batches)
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    return Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+
+
+def figure_images(cfg: Config, img_size: int) -> torch.Tensor:
+    """A fixed set of un-augmented images to reconstruct, the same at every figure."""
+    data = replace(cfg.data, batch_size=FIGURE_IMAGES, num_workers=0)
+    loader = build_loader(data, img_size=img_size, seed=cfg.seed, train=False)
+    return next(iter(loader.epoch(0))).images
+
+
+class Trainer:
+    """Holds the pieces of one run; `run()` trains until done, stopped, or failed."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.accelerator = build_accelerator(cfg)
+        self.output_dir = Path(cfg.output_dir)
+        self.ckpt_root = checkpoint.checkpoint_root(self.output_dir)
+        acc = self.accelerator
+        self.loader = self._build_loader()
+        self.schedule = build_schedule(cfg, self.loader, acc.num_processes)
+        self.model, self.optimizer = self._build_model_and_optimizer()
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.state)
+        self.metrics = MetricsLogger(self.output_dir, enabled=acc.is_main_process)
+        self.figure_batch = figure_images(cfg, self.img_size) if acc.is_main_process else None
+        self.skipped: set[str] = set()
+
+    def _build_loader(self) -> EpochLoader:
+        cfg, acc = self.cfg, self.accelerator
+        # The model's resolution decides the crop size; read it without building weights.
+        with torch.device("meta"):
+            self.img_size = build_model(**asdict(self.cfg.model)).patch_embed.img_size[0]
+        return build_loader(
+            cfg.data, img_size=self.img_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes
+        )
+
+    def _build_model_and_optimizer(self):
+        cfg, acc = self.cfg, self.accelerator
+        set_seed(cfg.seed)  # identical initial weights on every process
+        model = build_model(**asdict(self.cfg.model))
+        if cfg.train.compile:
+            model.compile()  # in place: state-dict keys stay free of `_orig_mod`
+        optimizer = build_optimizer(model, cfg, self.schedule.peak_lr)
+        model, optimizer = acc.prepare(model, optimizer)
+        set_seed(cfg.seed, device_specific=True)  # masks differ across processes
+        return model, optimizer
+
+    # ------------------------------------------------------------ run folder
+
+    def prepare_run_folder(self) -> Path | None:
+        """Create folders, write the resolved config, and pick the checkpoint to resume from."""
+        acc, cfg, s = self.accelerator, self.cfg, self.schedule
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_partials(self.ckpt_root)
+            derived = {
+                "world_size": acc.num_processes,
+                "effective_batch": s.effective_batch,
+                "lr": s.peak_lr,
+                "steps_per_epoch": s.steps_per_epoch,
+                "total_steps": s.total_steps,
+                "last_step": s.last_step,
+                "img_size": self.img_size,
+            }
+            save_resolved(cfg, self.output_dir / "config.yaml", derived)
+        acc.wait_for_everyone()
+        return checkpoint.resolve_resume(cfg.checkpoint.resume, self.output_dir)
+
+    def resume(self, path: Path) -> None:
+        checkpoint.load(self.accelerator, path)
+        self.metrics.truncate_after(self.state.step)
+        self.print(f"resumed from {path} at step {self.state.step}")
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save(self.accelerator, self.ckpt_root, self.state.step, self.cfg.checkpoint.keep_last)
+
+    def save_figure(self, final: bool = False) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        images = self.figure_batch.to(self.accelerator.device)
+        name = FINAL_FIGURE if final else f"figures/step_{self.state.step:08d}.png"
+        title = f"{self.cfg.model.name}, step {self.state.step}"
+        return save_reconstruction_figure(model, images, self.output_dir / name, seed=self.cfg.seed, title=title)
+
+    def print(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(message)
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> dict:
+        resume_from = self.prepare_run_folder()
+        if resume_from is not None:
+            self.resume(resume_from)
+        cfg, s = self.cfg, self.schedule
+        self.print(
+            f"{cfg.model.name}: {s.last_step} steps ({s.steps_per_epoch}/epoch), effective batch "
+            f"{s.effective_batch}, lr {s.peak_lr:.3g} (blr {cfg.optim.blr:.3g} x {s.effective_batch}/256), "
+            f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}"
+        )
+        with StopRequest() as stop:
+            stopped_by = self._loop(stop)
+        last_ckpt = self.save_checkpoint() if self.state.step > 0 else None
+        figure = self.save_figure(final=True) if not stopped_by else None
+        self.metrics.close()
+        return {"step": self.state.step, "stopped_by": stopped_by, "checkpoint": last_ckpt, "figure": figure}
+
+    def _loop(self, stop: StopRequest) -> str | None:
+        cfg, s, acc = self.cfg, self.schedule, self.accelerator
+        if self.state.step >= s.last_step:
+            return None
+        stream = micro_batches(self.loader, self.state.step, s.steps_per_epoch, cfg.train.accum_iter)
+        window_loss = torch.zeros((), device=acc.device)
+        window_steps = 0
+        throughput = Throughput()
+        bar = tqdm(total=s.last_step, initial=self.state.step, disable=not acc.is_main_process, unit="step", dynamic_ncols=True)
+        try:
+            for batches in stream:
+                lr = s.lr(self.state.step, cfg)
+                set_lr(self.optimizer, lr)
+                window_loss += train_step(self.model, self.optimizer, acc, batches, cfg.optim.clip_grad)
+                self.state.step += 1
+                window_steps += 1
+                throughput.add(sum(len(b.images) for b in batches))
+                self._note_skipped(batches)
+                bar.update(1)
+                done = self.state.step >= s.last_step
+                if done or self.state.step % cfg.train.log_every == 0:
+                    self._log(window_loss / window_steps, lr, throughput.rate(), bar)
+                    window_loss.zero_()
+                    window_steps = 0
+                if done:
+                    return None
+                if stop.requested:
+                    self._check_finite(window_loss)
+                    self.print(f"{stop.signal_name} received: stopping after step {self.state.step}")
+                    return stop.signal_name
+                if self.state.step % cfg.checkpoint.every_steps == 0:
+                    self._check_finite(window_loss)
+                    self.save_checkpoint()
+                if cfg.train.figure_every and self.state.step % cfg.train.figure_every == 0:
+                    self.save_figure()
+        finally:
+            bar.close()
+            stream.close()
+        return None
+
+    def _note_skipped(self, batches: list[Batch]) -> None:
+        for batch in batches:
+            self.skipped.update(batch.skipped)
+
+    def _check_finite(self, loss_sum: torch.Tensor) -> None:
+        """Stop before a non-finite loss can reach a checkpoint (one host sync, only when called)."""
+        if not bool(torch.isfinite(loss_sum)):
+            latest = checkpoint.latest(self.ckpt_root)
+            raise NonFiniteLossError(
+                f"loss became {loss_sum.item()} by step {self.state.step}; the run stopped without saving. "
+                f"Last good checkpoint: {latest or 'none'}. Lower optim.blr or enable optim.clip_grad."
+            )
+
+    def _log(self, mean_loss: torch.Tensor, lr: float, images_per_sec: float, bar) -> None:
+        acc = self.accelerator
+        loss = acc.reduce(mean_loss.detach().clone(), reduction="mean")
+        self._check_finite(loss)
+        row = {
+            "step": self.state.step,
+            "epoch": self.state.step / self.schedule.steps_per_epoch,
+            "loss": loss.item(),
+            "lr": lr,
+            "images_per_sec": images_per_sec * acc.num_processes,
+            "skipped_images": len(self.skipped),
+        }
+        self.metrics.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_sec']:.0f}")
+
+
+def pretrain(cfg: Config) -> dict:
+    """Run (or resume) MAE pretraining as configured; returns a summary of the run."""
+    return Trainer(cfg).run()

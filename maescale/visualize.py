@@ -1,0 +1,54 @@
+"""`maescale visualize`: the paper's reconstruction figure from a saved checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import Config, load_config
+from .data import build_loader
+from .data.folder import ImageFolderDataset
+from .data.transforms import EvalTransform
+from .models import build_model
+from .viz import save_reconstruction_figure
+
+MODEL_FILE = "model.safetensors"  # written by Accelerator.save_state
+
+
+def run_config_of(ckpt: Path) -> Path | None:
+    """The resolved config.yaml of the run that wrote `ckpt` (output_dir/checkpoints/step_X)."""
+    candidate = ckpt.parent.parent / "config.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def load_model_from_checkpoint(cfg: Config, ckpt: Path) -> torch.nn.Module:
+    weights = ckpt / MODEL_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: --ckpt must be a step folder written by maescale pretrain")
+    model = build_model(**asdict(cfg.model))
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval()
+
+
+def folder_images(folder: str, img_size: int, count: int) -> torch.Tensor:
+    dataset = ImageFolderDataset(folder)
+    transform = EvalTransform(img_size)
+    return torch.stack([transform(dataset.load_image(i)) for i in range(min(count, len(dataset)))])
+
+
+def dataset_images(cfg: Config, img_size: int, count: int) -> torch.Tensor:
+    data = replace(cfg.data, batch_size=count, num_workers=0)
+    loader = build_loader(data, img_size=img_size, seed=cfg.seed, train=False)
+    return next(iter(loader.epoch(0))).images
+
+
+def visualize(cfg_path: str | None, overrides, *, ckpt: str, out: str, images: str | None, num_images: int, seed: int) -> Path:
+    ckpt = Path(ckpt)
+    cfg = load_config(cfg_path or run_config_of(ckpt), overrides)
+    model = load_model_from_checkpoint(cfg, ckpt)
+    img_size = model.patch_embed.img_size[0]
+    batch = folder_images(images, img_size, num_images) if images else dataset_images(cfg, img_size, num_images)
+    return save_reconstruction_figure(model, batch, out, seed=seed, title=f"{cfg.model.name}, {ckpt.name}")

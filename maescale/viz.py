@@ -1,0 +1,114 @@
+"""Reconstruction figures: original | masked | reconstruction | reconstruction + visible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import IMAGENET_MEAN, IMAGENET_STD
+
+MASK_GREY = 0.5
+
+
+def fill_from_visible(values: torch.Tensor, visible: torch.Tensor, grid: int) -> torch.Tensor:
+    """Fill masked grid cells with the mean of the nearest visible cells.
+
+    values, visible: [N, L] on a grid x grid layout (row-major); returns [N, L].
+    Repeated 3x3 normalised averaging grows the visible region until every cell
+    has an estimate, so masked patches never use their own (hidden) pixels.
+    """
+    filled = values.reshape(-1, 1, grid, grid).float()
+    known = visible.reshape(-1, 1, grid, grid)
+    while not bool(known.all()):
+        weight = known.float()
+        total = F.avg_pool2d(filled * weight, 3, stride=1, padding=1)
+        count = F.avg_pool2d(weight, 3, stride=1, padding=1)
+        newly = ~known & (count > 0)
+        if not bool(newly.any()):
+            raise ValueError("no visible patch to estimate statistics from")
+        filled = torch.where(newly, total / count.clamp_min(1e-12), filled)
+        known = known | newly
+    return filled.view_as(values)
+
+
+def denormalize_prediction(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, grid: int) -> torch.Tensor:
+    """Undo the norm_pix target normalisation of `pred` [N, L, P].
+
+    Visible patches use their own mean/variance; masked patches use estimates
+    interpolated from the visible ones (their true statistics are hidden).
+    """
+    mean = target.mean(dim=-1)
+    var = target.var(dim=-1)
+    visible = mask == 0
+    mean = fill_from_visible(mean, visible, grid)
+    var = fill_from_visible(var, visible, grid)
+    return pred * (var.unsqueeze(-1) + 1e-6).sqrt() + mean.unsqueeze(-1)
+
+
+def to_display(images: torch.Tensor) -> torch.Tensor:
+    """Normalised [N,3,H,W] -> [N,H,W,3] in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def reconstruction_panels(model, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Run the MAE with a fixed mask and return the four panels as [N,H,W,3] images."""
+    images = images.float()
+    patches = model.patchify(images)
+    n, num_patches, _ = patches.shape
+    grid = int(round(num_patches**0.5))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.rand(n, num_patches, generator=generator).to(images.device)
+    _, pred, mask = model(images, noise=noise)
+    pred = pred.float()
+    if model.norm_pix_loss:
+        pred = denormalize_prediction(pred, patches, mask, grid)
+    keep = (1 - mask).unsqueeze(-1)
+    grey = torch.full_like(patches, 0.0)  # 0 in normalised space is the dataset mean colour
+    masked = patches * keep + grey * (1 - keep)
+    pasted = patches * keep + pred * (1 - keep)
+    panels = {
+        "original": images,
+        "masked": model.unpatchify(masked),
+        "reconstruction": model.unpatchify(pred),
+        "reconstruction + visible": model.unpatchify(pasted),
+    }
+    return {name: to_display(value) for name, value in panels.items()}
+
+
+def save_reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: int = 0, title: str = "") -> Path:
+    """Save a rows-of-images figure (one row per image, four panels) as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    was_training = model.training
+    model.eval()
+    try:
+        panels = reconstruction_panels(model, images, seed)
+    finally:
+        model.train(was_training)
+    names = list(panels)
+    rows = images.shape[0]
+    fig, axes = plt.subplots(rows, len(names), figsize=(2.0 * len(names), 2.0 * rows), squeeze=False)
+    for r in range(rows):
+        for c, name in enumerate(names):
+            ax = axes[r][c]
+            ax.imshow(panels[name][r].numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
