@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .metrics import device_peak_flops, mae_train_flops_per_image
 from .models import build_model
 from .optim import param_groups
 
@@ -62,24 +63,31 @@ def bench_train_step(
         loss = step()
     _sync(device)
     elapsed = time.perf_counter() - start
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    images_per_sec = batch_size * steps / elapsed
+    achieved = images_per_sec * mae_train_flops_per_image(model)
+    peak = device_peak_flops(device_name)
     return {
         "model": model_name,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name,
         "batch_size": batch_size,
         "precision": precision,
         "compile": compile,
         "steps": steps,
         "step_time_ms": 1000 * elapsed / steps,
-        "images_per_sec": batch_size * steps / elapsed,
+        "images_per_sec": images_per_sec,
+        "tflops": achieved / 1e12,
+        "mfu": achieved / peak if peak and precision == "bf16" else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "final_loss": float(loss),
+        "final_loss": loss.detach().item(),
     }
 
 
 def format_result(result: dict) -> str:
     memory = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
+    mfu = f", MFU {100 * result['mfu']:.1f}%" if result["mfu"] is not None else ""
     return (
         f"{result['model']} on {result['device']}: batch {result['batch_size']} {result['precision']}"
         f"{' compiled' if result['compile'] else ''}: {result['images_per_sec']:.1f} images/s, "
-        f"{result['step_time_ms']:.1f} ms/step{memory}"
+        f"{result['step_time_ms']:.1f} ms/step, {result['tflops']:.2f} TFLOP/s{mfu}{memory}"
     )

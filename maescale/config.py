@@ -154,7 +154,8 @@ def _child(node: Any, key: str, full_key: str) -> Any:
 
 def _unknown_key_message(full_key: str, key: str, names: list[str]) -> str:
     prefix = full_key[: -len(key)]
-    close = difflib.get_close_matches(key, names, n=1)
+    by_lower = {name.lower(): name for name in names}
+    close = [by_lower[m] for m in difflib.get_close_matches(key.lower(), list(by_lower), n=1)]
     hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys here: {', '.join(prefix + n for n in names)}"
     return f"unknown config key {full_key!r}{hint}"
 

@@ -66,3 +66,55 @@ class Throughput:
         value = self._images / elapsed if elapsed > 0 else 0.0
         self.reset()
         return value
+
+
+# ---------------------------------------------------------------- FLOPs and MFU
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, no sparsity).
+PEAK_BF16_FLOPS = {
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
+
+
+def _block_flops(tokens: int, dim: int, mlp_hidden: int) -> int:
+    """Forward FLOPs of one pre-norm transformer block on `tokens` tokens.
+
+    Matmuls only (2 FLOPs per multiply-add): qkv 3*D*D, proj D*D, MLP 2*D*H per token,
+    plus attention scores and weighted sum 2 * T*T*D; norms and softmax are negligible.
+    """
+    linear = 2 * tokens * (4 * dim * dim + 2 * dim * mlp_hidden)
+    attention = 2 * 2 * tokens * tokens * dim
+    return linear + attention
+
+
+def mae_train_flops_per_image(model, mask_ratio: float | None = None) -> int:
+    """Training FLOPs (forward + backward = 3x forward) per image of an MAE.
+
+    Follows the accounting of Kaplan et al. 2020 / PaLM appendix B (6N per token for
+    matmuls) applied per component: the patch embedding sees all L patches, the encoder
+    sees the 1 + L*(1-r) visible tokens, the decoder all 1 + L tokens. For ViT-B/L/H at
+    224 px and r = 0.75 this gives about 58.7, 124.5 and 291.4 GFLOP.
+    """
+    ratio = model.mask_ratio if mask_ratio is None else mask_ratio
+    num_patches = model.num_patches
+    visible = 1 + int(num_patches * (1 - ratio))
+    everything = 1 + num_patches
+    patch_dim = model.patch_size**2 * model.in_chans
+    dim = model.cls_token.shape[-1]
+    dec_dim = model.decoder_embed.out_features
+    forward = 2 * num_patches * patch_dim * dim
+    forward += sum(_block_flops(visible, dim, b.mlp.fc1.out_features) for b in model.blocks)
+    forward += 2 * visible * dim * dec_dim
+    forward += sum(_block_flops(everything, dec_dim, b.mlp.fc1.out_features) for b in model.decoder_blocks)
+    forward += 2 * num_patches * dec_dim * patch_dim
+    return 3 * forward
+
+
+def device_peak_flops(device_name: str) -> float | None:
+    """Peak bf16 FLOP/s of a known accelerator, matched by name; None when unknown (e.g. CPU)."""
+    for key, peak in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return peak
+    return None

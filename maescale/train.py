@@ -240,10 +240,13 @@ class Trainer:
         resume_from = self.prepare_run_folder()
         if resume_from is not None:
             self.resume(resume_from)
+        else:
+            self.metrics.truncate_after(0)  # a fresh start replaces rows of an earlier run
         cfg, s = self.cfg, self.schedule
         self.print(
             f"{cfg.model.name}: {s.last_step} steps ({s.steps_per_epoch}/epoch), effective batch "
-            f"{s.effective_batch}, lr {s.peak_lr:.3g} (blr {cfg.optim.blr:.3g} x {s.effective_batch}/256), "
+            f"{s.effective_batch}, lr {s.peak_lr:.3g} "
+            f"({'optim.lr' if cfg.optim.lr else f'blr {cfg.optim.blr:.3g} x {s.effective_batch}/256'}), "
             f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}"
         )
         with StopRequest() as stop:

@@ -23,7 +23,7 @@ def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
 
 
 def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
-    with pytest.raises(ConfigError, match=r"'optim\.bLR'.*optim\.blr"):
+    with pytest.raises(ConfigError, match=r"'optim\.bLR'; did you mean optim\.blr\?"):
         load_config(None, ["optim.bLR=1"])
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  batchsize: 4\n")
