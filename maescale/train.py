@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import signal
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import Config, save_resolved
-from .data import Batch, EpochLoader, build_loader
+from .data import Batch, EpochLoader, build_loader, first_images
 from .metrics import MetricsLogger, Throughput
 from .models import build_model
 from .optim import build_optimizer, effective_batch, lr_at, peak_lr, set_lr
@@ -147,13 +147,6 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
 
 
-def figure_images(cfg: Config, img_size: int) -> torch.Tensor:
-    """A fixed set of un-augmented images to reconstruct, the same at every figure."""
-    data = replace(cfg.data, batch_size=FIGURE_IMAGES, num_workers=0)
-    loader = build_loader(data, img_size=img_size, seed=cfg.seed, train=False)
-    return next(iter(loader.epoch(0))).images
-
-
 class Trainer:
     """Holds the pieces of one run; `run()` trains until done, stopped, or failed."""
 
@@ -169,7 +162,7 @@ class Trainer:
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
         self.metrics = MetricsLogger(self.output_dir, enabled=acc.is_main_process)
-        self.figure_batch = figure_images(cfg, self.img_size) if acc.is_main_process else None
+        self.figure_batch = first_images(cfg.data, img_size=self.img_size, seed=cfg.seed, count=FIGURE_IMAGES) if acc.is_main_process else None
         self.skipped: set[str] = set()
 
     def _build_loader(self) -> EpochLoader:

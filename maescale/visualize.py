@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from .config import Config, load_config
-from .data import build_loader
+from .data import first_images
 from .data.folder import ImageFolderDataset
 from .data.transforms import EvalTransform
 from .models import build_model
@@ -36,13 +36,7 @@ def load_model_from_checkpoint(cfg: Config, ckpt: Path) -> torch.nn.Module:
 def folder_images(folder: str, img_size: int, count: int) -> torch.Tensor:
     dataset = ImageFolderDataset(folder)
     transform = EvalTransform(img_size)
-    return torch.stack([transform(dataset.load_image(i)) for i in range(min(count, len(dataset)))])
-
-
-def dataset_images(cfg: Config, img_size: int, count: int) -> torch.Tensor:
-    data = replace(cfg.data, batch_size=count, num_workers=0)
-    loader = build_loader(data, img_size=img_size, seed=cfg.seed, train=False)
-    return next(iter(loader.epoch(0))).images
+    return torch.stack([transform(dataset[i].image) for i in range(min(count, len(dataset)))])
 
 
 def visualize(cfg_path: str | None, overrides, *, ckpt: str, out: str, images: str | None, num_images: int, seed: int) -> Path:
@@ -50,5 +44,5 @@ def visualize(cfg_path: str | None, overrides, *, ckpt: str, out: str, images: s
     cfg = load_config(cfg_path or run_config_of(ckpt), overrides)
     model = load_model_from_checkpoint(cfg, ckpt)
     img_size = model.patch_embed.img_size[0]
-    batch = folder_images(images, img_size, num_images) if images else dataset_images(cfg, img_size, num_images)
+    batch = folder_images(images, img_size, num_images) if images else first_images(cfg.data, img_size=img_size, seed=cfg.seed, count=num_images)
     return save_reconstruction_figure(model, batch, out, seed=seed, title=f"{cfg.model.name}, {ckpt.name}")

@@ -1,7 +1,7 @@
 """Data pipeline: datasets, MAE augmentation and the deterministic epoch loader."""
 
 from .folder import ImageFolderDataset
-from .loader import LOADER_BUILDERS, Batch, EpochLoader, UnreadableImageWarning, build_loader
+from .loader import LOADER_BUILDERS, Batch, EpochLoader, UnreadableImageWarning, build_loader, first_images
 from .synthetic import SyntheticShapes
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MAETrainTransform
 
@@ -17,4 +17,5 @@ __all__ = [
     "SyntheticShapes",
     "UnreadableImageWarning",
     "build_loader",
+    "first_images",
 ]

@@ -14,6 +14,8 @@ Consequences the trainer relies on:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -238,10 +240,10 @@ def _epoch_loader(
 
 
 def _build_synthetic(
-    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool
+    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool, split: str
 ) -> EpochLoader:
     size = _positive_int(data_cfg, "synthetic_size")
-    dataset_seed = SYNTHETIC_TRAIN_SEED if train else SYNTHETIC_EVAL_SEED
+    dataset_seed = SYNTHETIC_TRAIN_SEED if split == "train" else SYNTHETIC_EVAL_SEED
     dataset = SyntheticShapes(size, img_size, seed=dataset_seed)
     return _epoch_loader(
         data_cfg, dataset, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train
@@ -249,11 +251,11 @@ def _build_synthetic(
 
 
 def _build_folder(
-    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool
+    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool, split: str
 ) -> EpochLoader:
     if data_cfg.path is None:
         raise ValueError("data.path is required when data.kind is 'folder'")
-    dataset = ImageFolderDataset(data_cfg.path, split="train" if train else "val")
+    dataset = ImageFolderDataset(data_cfg.path, split=split)
     return _epoch_loader(
         data_cfg, dataset, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train
     )
@@ -267,11 +269,32 @@ LOADER_BUILDERS: dict[str, LoaderBuilder] = {
 
 
 def build_loader(
-    data_cfg: Any, *, img_size: int, seed: int, rank: int = 0, world_size: int = 1, train: bool = True
+    data_cfg: Any,
+    *,
+    img_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    train: bool = True,
+    split: str | None = None,
 ) -> EpochLoader:
-    """Build the epoch loader described by ``data_cfg`` for one rank."""
+    """Build the epoch loader described by ``data_cfg`` for one rank.
+
+    ``train`` chooses augmentation, shuffling and tail dropping; ``split`` chooses the
+    images ("train" or "val", default: "train" when ``train`` else "val"), so that
+    un-augmented training images (e.g. for reconstruction figures) are one call away.
+    """
+    split = split or ("train" if train else "val")
     builder = LOADER_BUILDERS.get(data_cfg.kind)
     if builder is None:
         known = ", ".join(sorted(LOADER_BUILDERS))
         raise ValueError(f"unknown data.kind {data_cfg.kind!r}; known kinds: {known}")
-    return builder(data_cfg, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train)
+    return builder(data_cfg, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train, split=split)
+
+
+def first_images(data_cfg: Any, *, img_size: int, seed: int, count: int, split: str = "train") -> torch.Tensor:
+    """The first ``count`` images of ``split``, un-augmented ([count, 3, H, W], normalised):
+    a fixed set to reconstruct in figures."""
+    data_cfg = replace(data_cfg, batch_size=count, num_workers=0)
+    loader = build_loader(data_cfg, img_size=img_size, seed=seed, train=False, split=split)
+    return next(iter(loader.epoch(0))).images
