@@ -41,7 +41,7 @@ def bench_train_step(
     if compile:
         model.compile()
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
-    img_size = model.patch_embed.img_size[0]
+    img_size = model.img_size
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -126,14 +127,21 @@ def micro_batches(loader: EpochLoader, first_step: int, steps_per_epoch: int, ac
         epoch, step_in_epoch = epoch + 1, 0
 
 
-def train_step(model, optimizer, accelerator: Accelerator, batches: list[Batch], clip_grad: float | None) -> torch.Tensor:
-    """One optimizer step over `batches` (gradient accumulation); returns the mean loss on device."""
+def train_step(
+    model, optimizer, accelerator: Accelerator, batches: list[Batch], num_patches: int, clip_grad: float | None
+) -> torch.Tensor:
+    """One optimizer step over `batches` (gradient accumulation); returns the mean loss on device.
+
+    The masking noise is drawn here, in eager mode, from the global RNG: a compiled model
+    would otherwise draw it with its own kernel, and masks would depend on `train.compile`.
+    """
     total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(batches):
         images = batch.images.to(accelerator.device, non_blocking=True)
+        noise = torch.rand(images.shape[0], num_patches, device=accelerator.device)
         is_last = i == len(batches) - 1
         with nullcontext() if is_last else accelerator.no_sync(model):
-            loss, _, _ = model(images)
+            loss, _, _ = model(images, noise=noise)
             accelerator.backward(loss / len(batches))
         total += loss.detach().float()
     if clip_grad is not None:
@@ -144,6 +152,11 @@ def train_step(model, optimizer, accelerator: Accelerator, batches: list[Batch],
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
+    # Accelerate keeps its settings in a process-wide singleton that refuses a second
+    # Accelerator with another precision; each run (tests, notebooks) starts from its own
+    # settings. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
 
 
@@ -162,14 +175,17 @@ class Trainer:
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
         self.metrics = MetricsLogger(self.output_dir, enabled=acc.is_main_process)
-        self.figure_batch = first_images(cfg.data, img_size=self.img_size, seed=cfg.seed, count=FIGURE_IMAGES) if acc.is_main_process else None
+        self.figure_batch = None
+        if acc.is_main_process:
+            self.figure_batch = first_images(cfg.data, img_size=self.img_size, seed=cfg.seed, count=FIGURE_IMAGES)
         self.skipped: set[str] = set()
 
     def _build_loader(self) -> EpochLoader:
         cfg, acc = self.cfg, self.accelerator
-        # The model's resolution decides the crop size; read it without building weights.
+        # The model's resolution decides the crop size; read it without allocating weights.
         with torch.device("meta"):
-            self.img_size = build_model(**asdict(self.cfg.model)).patch_embed.img_size[0]
+            shape = build_model(**asdict(self.cfg.model))
+        self.img_size, self.num_patches = shape.img_size, shape.num_patches
         return build_loader(
             cfg.data, img_size=self.img_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes
         )
@@ -242,10 +258,14 @@ class Trainer:
             f"({'optim.lr' if cfg.optim.lr else f'blr {cfg.optim.blr:.3g} x {s.effective_batch}/256'}), "
             f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}"
         )
+        first_step = self.state.step
         with StopRequest() as stop:
             stopped_by = self._loop(stop)
-        last_ckpt = self.save_checkpoint() if self.state.step > 0 else None
-        figure = self.save_figure(final=True) if not stopped_by else None
+        if self.state.step == first_step:
+            self.print(f"nothing to do: the run is already at step {first_step} of {s.last_step}")
+        trained = self.state.step > first_step
+        last_ckpt = self.save_checkpoint() if trained else checkpoint.latest(self.ckpt_root)
+        figure = self.save_figure(final=True) if trained and not stopped_by else None
         self.metrics.close()
         return {"step": self.state.step, "stopped_by": stopped_by, "checkpoint": last_ckpt, "figure": figure}
 
@@ -262,7 +282,7 @@ class Trainer:
             for batches in stream:
                 lr = s.lr(self.state.step, cfg)
                 set_lr(self.optimizer, lr)
-                window_loss += train_step(self.model, self.optimizer, acc, batches, cfg.optim.clip_grad)
+                window_loss += train_step(self.model, self.optimizer, acc, batches, self.num_patches, cfg.optim.clip_grad)
                 self.state.step += 1
                 window_steps += 1
                 throughput.add(sum(len(b.images) for b in batches))

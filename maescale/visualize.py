@@ -43,6 +43,6 @@ def visualize(cfg_path: str | None, overrides, *, ckpt: str, out: str, images: s
     ckpt = Path(ckpt)
     cfg = load_config(cfg_path or run_config_of(ckpt), overrides)
     model = load_model_from_checkpoint(cfg, ckpt)
-    img_size = model.patch_embed.img_size[0]
+    img_size = model.img_size
     batch = folder_images(images, img_size, num_images) if images else first_images(cfg.data, img_size=img_size, seed=cfg.seed, count=num_images)
     return save_reconstruction_figure(model, batch, out, seed=seed, title=f"{cfg.model.name}, {ckpt.name}")

@@ -133,3 +133,44 @@ def test_cli_reports_config_errors_without_traceback():
     assert result.returncode == 2
     assert "did you mean optim.blr" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bf16_autocast_trains(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "train.precision=bf16", "optim.blr=1.5e-3", "train.max_steps=20"])
+    pretrain(cfg)
+    rows = read_metrics(cfg.output_dir)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert sum(r["loss"] for r in rows[-5:]) < sum(r["loss"] for r in rows[:5])
+
+
+def test_rerun_of_a_finished_run_does_nothing(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "train.max_steps=3"])
+    pretrain(cfg)
+    saved = checkpoint.latest(checkpoint.checkpoint_root(cfg.output_dir))
+    before = saved.stat().st_mtime_ns
+    again = pretrain(cfg)
+    assert again["step"] == 3 and again["checkpoint"] == saved
+    assert saved.stat().st_mtime_ns == before  # not rewritten
+    assert [r["step"] for r in read_metrics(cfg.output_dir)] == [1, 2, 3]
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path, tiny_overrides):
+    """2 micro-batches of 8 see the same images, masks and lr as one batch of 16."""
+    common = [*tiny_overrides[1:], "train.max_steps=6"]
+    pretrain(load_config(None, [f"output_dir={tmp_path / 'big'}", *common, "data.batch_size=16"]))
+    pretrain(load_config(None, [f"output_dir={tmp_path / 'acc'}", *common, "data.batch_size=8", "train.accum_iter=2"]))
+    big, acc = read_metrics(tmp_path / "big"), read_metrics(tmp_path / "acc")
+    assert [r["lr"] for r in big] == pytest.approx([r["lr"] for r in acc])
+    assert [r["loss"] for r in big] == pytest.approx([r["loss"] for r in acc], rel=1e-4)
+
+
+def test_compiled_model_trains_like_eager_and_saves_plain_keys(tmp_path, tiny_overrides):
+    common = [*tiny_overrides[1:], "train.max_steps=3"]
+    pretrain(load_config(None, [f"output_dir={tmp_path / 'eager'}", *common]))
+    summary = pretrain(load_config(None, [f"output_dir={tmp_path / 'compiled'}", *common, "train.compile=true"]))
+    eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-3)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(summary["checkpoint"] / "model.safetensors")).keys()
+    assert "pos_embed" in keys and not any("_orig_mod" in k for k in keys)
