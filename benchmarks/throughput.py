@@ -16,19 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maescale.bench import bench_train_step  # noqa: E402
-
-HEADER = "| model | device | batch | precision | compile | images/s | ms/step | TFLOP/s | MFU | peak GiB |"
-
-
-def row(r: dict) -> str:
-    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-    mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-    return (
-        f"| {r['model']} | {r['device']} | {r['batch_size']} | {r['precision']} | {'on' if r['compile'] else 'off'} | "
-        f"{r['images_per_sec']:.1f} | {r['step_time_ms']:.1f} | {r['tflops']:.2f} | {mfu} | {mem} |"
-    )
-
+from maescale.bench import TABLE_HEADER, TABLE_RULE, bench_train_step, table_row  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,8 +33,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     compile_choices = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    print(HEADER)
-    print("|---" * (HEADER.count("|") - 1) + "|")
+    print(TABLE_HEADER)
+    print(TABLE_RULE)
     for model in args.models:
         for batch in args.batch_sizes:
             for precision in args.precision:
@@ -55,7 +43,7 @@ def main() -> None:
                         model, batch_size=batch, precision=precision, compile=compiled,
                         steps=args.steps, warmup=args.warmup, device=args.device,
                     )
-                    print(row(result), flush=True)
+                    print(table_row(result), flush=True)
                     if args.jsonl:
                         with open(args.jsonl, "a") as f:
                             f.write(json.dumps(result) + "\n")

@@ -45,7 +45,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_train_step, format_result
+    from .bench import TABLE_HEADER, TABLE_RULE, bench_train_step, table_row
 
     result = bench_train_step(
         args.model,
@@ -56,7 +56,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         device=args.device,
     )
-    print(format_result(result))
+    print(TABLE_HEADER, TABLE_RULE, table_row(result), sep="\n")
     return 0
 
 

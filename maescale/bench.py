@@ -83,11 +83,15 @@ def bench_train_step(
     }
 
 
-def format_result(result: dict) -> str:
-    memory = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
-    mfu = f", MFU {100 * result['mfu']:.1f}%" if result["mfu"] is not None else ""
+TABLE_HEADER = "| model | device | batch | precision | compile | images/s | ms/step | TFLOP/s | MFU | peak GiB |"
+TABLE_RULE = "|---" * (TABLE_HEADER.count("|") - 1) + "|"
+
+
+def table_row(r: dict) -> str:
+    """One Markdown table row (columns of TABLE_HEADER) for a bench_train_step result."""
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
     return (
-        f"{result['model']} on {result['device']}: batch {result['batch_size']} {result['precision']}"
-        f"{' compiled' if result['compile'] else ''}: {result['images_per_sec']:.1f} images/s, "
-        f"{result['step_time_ms']:.1f} ms/step, {result['tflops']:.2f} TFLOP/s{mfu}{memory}"
+        f"| {r['model']} | {r['device']} | {r['batch_size']} | {r['precision']} | {'on' if r['compile'] else 'off'} | "
+        f"{r['images_per_sec']:.1f} | {r['step_time_ms']:.1f} | {r['tflops']:.2f} | {mfu} | {memory} |"
     )
