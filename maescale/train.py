@@ -132,13 +132,14 @@ def train_step(
 ) -> torch.Tensor:
     """One optimizer step over `batches` (gradient accumulation); returns the mean loss on device.
 
-    The masking noise is drawn here, in eager mode, from the global RNG: a compiled model
-    would otherwise draw it with its own kernel, and masks would depend on `train.compile`.
+    The masking noise comes from each sample's seed (`Batch.mask_noise`), not from a global
+    RNG: masks then do not depend on the process count, the micro-batch split, a resume, or
+    `train.compile` (a compiled model would draw random numbers with its own kernel).
     """
     total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(batches):
         images = batch.images.to(accelerator.device, non_blocking=True)
-        noise = torch.rand(images.shape[0], num_patches, device=accelerator.device)
+        noise = batch.mask_noise(num_patches).to(accelerator.device, non_blocking=True)
         is_last = i == len(batches) - 1
         with nullcontext() if is_last else accelerator.no_sync(model):
             loss, _, _ = model(images, noise=noise)
@@ -198,7 +199,6 @@ class Trainer:
             model.compile()  # in place: state-dict keys stay free of `_orig_mod`
         optimizer = build_optimizer(model, cfg, self.schedule.peak_lr)
         model, optimizer = acc.prepare(model, optimizer)
-        set_seed(cfg.seed, device_specific=True)  # masks differ across processes
         return model, optimizer
 
     # ------------------------------------------------------------ run folder

@@ -389,10 +389,21 @@ def test_ranks_are_disjoint_and_cover_epoch_minus_tail():
     assert len(seen[0]) == len(seen[1]) == 24
     assert not set(seen[0]) & set(seen[1])
     assert len(set(seen[0]) | set(seen[1])) == 48
-    # Together they are exactly the first 48 entries of the epoch's permutation.
-    single = index_loader(size=50, batch_size=4, world_size=1)
-    interleaved = [i for pair in zip(seen[0], seen[1]) for i in pair]
-    assert interleaved == single.rank_indices(3)[:48].tolist()
+    # Each step, the ranks' batches together are the batch of one process twice as large.
+    single = [b.labels.tolist() for b in index_loader(size=50, batch_size=8, world_size=1).epoch(3)]
+    per_rank = [[b.labels.tolist() for b in loader.epoch(3)] for loader in ranks]
+    assert single == [r0 + r1 for r0, r1 in zip(*per_rank)]
+
+
+def test_mask_noise_follows_the_sample_not_the_split():
+    """The same sample gets the same mask seed on 2 ranks of batch 4 as on 1 process of batch 8."""
+    single = next(build_loader(data_cfg(synthetic_size=64, batch_size=8), img_size=32, seed=4).epoch(1))
+    ranks = [next(build_loader(data_cfg(synthetic_size=64, batch_size=4), img_size=32, seed=4, rank=r, world_size=2).epoch(1)) for r in range(2)]
+    assert torch.equal(single.mask_noise(16), torch.cat([r.mask_noise(16) for r in ranks]))
+    assert single.mask_noise(16).shape == (8, 16)
+    assert len(set(single.seeds.tolist())) == 8  # every sample its own mask
+    other_epoch = next(build_loader(data_cfg(synthetic_size=64, batch_size=8), img_size=32, seed=4).epoch(2))
+    assert not torch.equal(single.seeds, other_epoch.seeds)
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():

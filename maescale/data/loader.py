@@ -32,6 +32,7 @@ from .transforms import EvalTransform, MAETrainTransform, derive_seed, seeded_ge
 _ORDER_STREAM = 1
 _AUGMENT_STREAM = 2
 _LOADER_STREAM = 3
+_MASK_STREAM = 4
 
 # The synthetic train and eval splits are fixed datasets, independent of the
 # training seed (which only drives order and augmentation), and disjoint.
@@ -47,18 +48,28 @@ class Batch(NamedTuple):
     images: torch.Tensor  # [B, 3, H, W] float32, normalised with IMAGENET_MEAN/STD
     labels: torch.Tensor  # [B] int64
     skipped: tuple[str, ...]  # unreadable files replaced in this batch
+    seeds: torch.Tensor  # [B] int64, per-sample seeds for the trainer's own draws (masks)
+
+    def mask_noise(self, num_patches: int) -> torch.Tensor:
+        """[B, num_patches] uniform noise for MAE masking, a pure function of each sample's
+        (seed, epoch, index): masks are the same whatever the number of processes, the
+        micro-batch split or a resume, and differ between samples (and so across ranks)."""
+        return torch.stack(
+            [torch.rand(num_patches, generator=torch.Generator().manual_seed(int(s))) for s in self.seeds]
+        )
 
 
 class UnreadableImageWarning(UserWarning):
     """An image file could not be decoded and was replaced by the next readable one."""
 
 
-def collate_batch(samples: Sequence[tuple[torch.Tensor, int, tuple[str, ...]]]) -> Batch:
+def collate_batch(samples: Sequence[tuple[torch.Tensor, int, tuple[str, ...], int]]) -> Batch:
     """Stack transformed samples into a :class:`Batch`."""
-    images = torch.stack([image for image, _, _ in samples])
-    labels = torch.tensor([label for _, label, _ in samples], dtype=torch.int64)
-    skipped = tuple(path for _, _, paths in samples for path in paths)
-    return Batch(images, labels, skipped)
+    images = torch.stack([image for image, _, _, _ in samples])
+    labels = torch.tensor([label for _, label, _, _ in samples], dtype=torch.int64)
+    skipped = tuple(path for _, _, paths, _ in samples for path in paths)
+    seeds = torch.tensor([seed for _, _, _, seed in samples], dtype=torch.int64)
+    return Batch(images, labels, skipped, seeds)
 
 
 class _AugmentedSamples(Dataset):
@@ -75,13 +86,13 @@ class _AugmentedSamples(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int, tuple[str, ...], int]:
         index, sample_seed = key
         sample = self.source[index]
         # Folder samples also report the unreadable files passed over.
         skipped = tuple(sample[2]) if len(sample) > 2 else ()
         image = self.transform(sample[0], torch.Generator().manual_seed(sample_seed))
-        return image, int(sample[1]), skipped
+        return image, int(sample[1]), skipped, derive_seed(sample_seed, _MASK_STREAM)
 
 
 class _KeyBatches:
@@ -109,7 +120,8 @@ class EpochLoader:
     """Yields the batches one rank sees in a given epoch.
 
     Train mode shuffles with a (seed, epoch) permutation and drops the tail so
-    every rank gets exactly ``batches_per_epoch`` full batches. Eval mode keeps
+    every rank gets exactly ``batches_per_epoch`` full batches; each global batch is
+    split into contiguous per-rank slices. Eval mode keeps
     dataset order, drops nothing, and lets the last batch be short; ranks take
     interleaved indices, so their batch counts may differ by one.
     """
@@ -159,7 +171,10 @@ class EpochLoader:
             return torch.arange(self.rank, len(self.dataset), self.world_size)
         order = torch.randperm(len(self.dataset), generator=seeded_generator(self.seed, epoch, _ORDER_STREAM))
         used = self.batches_per_epoch * self.batch_size * self.world_size
-        return order[:used][self.rank :: self.world_size]
+        # Global batch g is order[g*B*W : (g+1)*B*W]; rank r takes its r-th slice of B. So
+        # W processes of batch B see exactly the samples of one process of batch B*W.
+        global_batches = order[:used].view(self.batches_per_epoch, self.world_size, self.batch_size)
+        return global_batches[:, self.rank].reshape(-1)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Iterate over the batches of ``epoch`` from batch ``start_batch`` on.
