@@ -8,16 +8,23 @@ so a crash during a save never leaves a complete-looking checkpoint behind;
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-from accelerate import Accelerator
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 CHECKPOINTS = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
 PARTIAL_PREFIX = ".partial-"
+TRAIN_STATE = "train_state.json"
+DCP_METADATA = ".metadata"  # written last by torch.distributed.checkpoint
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -48,24 +55,69 @@ def remove_partials(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save(accelerator: Accelerator, root: Path, step: int, keep_last: int) -> Path:
-    """Collectively write the accelerator state (model, optimizer, RNG, registered objects)."""
+def save(model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict, root: Path, step: int, keep_last: int) -> Path:
+    """Collectively write model + optimizer (torch.distributed.checkpoint) and the train state.
+
+    DCP stores every tensor under its fully qualified name with its global shape, whatever
+    the strategy or process count, so a checkpoint resumes under DDP, FSDP2 or one process,
+    on any number of processes.
+    """
+    is_main = _rank() == 0
     final = root / step_name(step)
     partial = root / (PARTIAL_PREFIX + step_name(step))
-    if accelerator.is_main_process:
+    if is_main:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    _barrier()
+    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(partial))
+    if is_main:
+        (partial / TRAIN_STATE).write_text(json.dumps(train_state))
+    _barrier()
+    if is_main:
         if final.exists():  # the same step saved again (e.g. interrupt right after a periodic save)
             shutil.rmtree(final)
         os.replace(partial, final)
         _fsync_dir(root)
         prune(root, keep_last)
-    accelerator.wait_for_everyone()
+    _barrier()
     return final
+
+
+def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> dict:
+    """Load model + optimizer into the (possibly sharded) objects; return the train state."""
+    _require_checkpoint(path)
+    state = _state_dicts(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads((path / TRAIN_STATE).read_text())
+
+
+def load_model_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load only the weights of a checkpoint into a plain, unsharded model (one process)."""
+    _require_checkpoint(path)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(state["model"], strict=True)
+    return model
+
+
+def _require_checkpoint(path: Path) -> None:
+    if not (path / DCP_METADATA).is_file():
+        raise FileNotFoundError(f"{path} is not a maescale checkpoint (no {DCP_METADATA}); expected output_dir/checkpoints/step_XXXXXXXX")
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -83,10 +135,6 @@ def resolve_resume(setting: str, output_dir: str | Path) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint.resume={setting!r}: no such checkpoint folder")
     return path
-
-
-def load(accelerator: Accelerator, path: Path) -> None:
-    accelerator.load_state(str(path))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -77,7 +77,9 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: Literal["ddp"] = opt("ddp", "How processes share the model; ddp on one process is plain training.")
+    strategy: Literal["ddp", "fsdp2"] = opt("ddp", "ddp replicates the model; fsdp2 shards every block (needs a process group); ddp on one process is plain training.")
+    activation_checkpointing: bool = opt(False, "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).")
+    reshard_after_forward: bool = opt(True, "FSDP2: free gathered block weights after forward (ZeRO-3 style); False keeps them until backward (ZeRO-2 style, more memory, less communication).")
 
 
 @dataclass

@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import math
 import signal
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, parallel
 from .config import Config, save_resolved
 from .data import Batch, EpochLoader, build_loader, first_images
 from .metrics import MetricsLogger, Throughput
 from .models import build_model
+from .parallel import no_gradient_sync
 from .optim import build_optimizer, effective_batch, lr_at, peak_lr, set_lr
-from .viz import save_reconstruction_figure
+from .viz import draw_panels, reconstruction_panels
 
 FIGURE_IMAGES = 8
 FINAL_FIGURE = "reconstruction.png"
@@ -140,25 +139,15 @@ def train_step(
     for i, batch in enumerate(batches):
         images = batch.images.to(accelerator.device, non_blocking=True)
         noise = batch.mask_noise(num_patches).to(accelerator.device, non_blocking=True)
-        is_last = i == len(batches) - 1
-        with nullcontext() if is_last else accelerator.no_sync(model):
+        with no_gradient_sync(model, accelerator, skip=i < len(batches) - 1):
             loss, _, _ = model(images, noise=noise)
             accelerator.backward(loss / len(batches))
         total += loss.detach().float()
     if clip_grad is not None:
-        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / len(batches)
-
-
-def build_accelerator(cfg: Config) -> Accelerator:
-    # Accelerate keeps its settings in a process-wide singleton that refuses a second
-    # Accelerator with another precision; each run (tests, notebooks) starts from its own
-    # settings. The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    return Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
 
 
 class Trainer:
@@ -166,7 +155,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.accelerator = build_accelerator(cfg)
+        self.accelerator = parallel.build_accelerator(cfg)
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = checkpoint.checkpoint_root(self.output_dir)
         acc = self.accelerator
@@ -174,11 +163,9 @@ class Trainer:
         self.schedule = build_schedule(cfg, self.loader, acc.num_processes)
         self.model, self.optimizer = self._build_model_and_optimizer()
         self.state = TrainState()
-        acc.register_for_checkpointing(self.state)
         self.metrics = MetricsLogger(self.output_dir, enabled=acc.is_main_process)
-        self.figure_batch = None
-        if acc.is_main_process:
-            self.figure_batch = first_images(cfg.data, img_size=self.img_size, seed=cfg.seed, count=FIGURE_IMAGES)
+        # Every process holds the figure images: a sharded model reconstructs them collectively.
+        self.figure_batch = first_images(cfg.data, img_size=self.img_size, seed=cfg.seed, count=FIGURE_IMAGES)
         self.skipped: set[str] = set()
 
     def _build_loader(self) -> EpochLoader:
@@ -194,11 +181,10 @@ class Trainer:
     def _build_model_and_optimizer(self):
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.seed)  # identical initial weights on every process
-        model = build_model(**asdict(self.cfg.model))
-        if cfg.train.compile:
-            model.compile()  # in place: state-dict keys stay free of `_orig_mod`
+        model = parallel.parallelize(build_model(**asdict(self.cfg.model)), cfg, acc)
         optimizer = build_optimizer(model, cfg, self.schedule.peak_lr)
-        model, optimizer = acc.prepare(model, optimizer)
+        model, optimizer = parallel.prepare(model, optimizer, cfg, acc)
+        self.strategy = parallel.check_active(model, cfg, acc)
         return model, optimizer
 
     # ------------------------------------------------------------ run folder
@@ -223,21 +209,24 @@ class Trainer:
         return checkpoint.resolve_resume(cfg.checkpoint.resume, self.output_dir)
 
     def resume(self, path: Path) -> None:
-        checkpoint.load(self.accelerator, path)
+        self.state.load_state_dict(checkpoint.load(self.model, self.optimizer, path))
         self.metrics.truncate_after(self.state.step)
         self.print(f"resumed from {path} at step {self.state.step}")
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.save(self.accelerator, self.ckpt_root, self.state.step, self.cfg.checkpoint.keep_last)
+        return checkpoint.save(
+            self.model, self.optimizer, self.state.state_dict(), self.ckpt_root, self.state.step, self.cfg.checkpoint.keep_last
+        )
 
     def save_figure(self, final: bool = False) -> Path | None:
+        """All processes reconstruct (a sharded model needs them all); the main one draws."""
+        model = parallel.unwrap(self.model, self.accelerator)
+        panels = reconstruction_panels(model, self.figure_batch.to(self.accelerator.device), seed=self.cfg.seed)
         if not self.accelerator.is_main_process:
             return None
-        model = self.accelerator.unwrap_model(self.model)
-        images = self.figure_batch.to(self.accelerator.device)
         name = FINAL_FIGURE if final else f"figures/step_{self.state.step:08d}.png"
         title = f"{self.cfg.model.name}, step {self.state.step}"
-        return save_reconstruction_figure(model, images, self.output_dir / name, seed=self.cfg.seed, title=title)
+        return draw_panels(panels, self.output_dir / name, title=title)
 
     def print(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -256,7 +245,7 @@ class Trainer:
             f"{cfg.model.name}: {s.last_step} steps ({s.steps_per_epoch}/epoch), effective batch "
             f"{s.effective_batch}, lr {s.peak_lr:.3g} "
             f"({'optim.lr' if cfg.optim.lr else f'blr {cfg.optim.blr:.3g} x {s.effective_batch}/256'}), "
-            f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}"
+            f"{self.strategy}"
         )
         first_step = self.state.step
         with StopRequest() as stop:

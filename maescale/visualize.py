@@ -6,16 +6,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from .checkpoint import load_model_weights
 from .config import Config, load_config
 from .data import first_images
 from .data.folder import ImageFolderDataset
 from .data.transforms import EvalTransform
 from .models import build_model
 from .viz import save_reconstruction_figure
-
-MODEL_FILE = "model.safetensors"  # written by Accelerator.save_state
 
 
 def run_config_of(ckpt: Path) -> Path | None:
@@ -25,12 +23,7 @@ def run_config_of(ckpt: Path) -> Path | None:
 
 
 def load_model_from_checkpoint(cfg: Config, ckpt: Path) -> torch.nn.Module:
-    weights = ckpt / MODEL_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: --ckpt must be a step folder written by maescale pretrain")
-    model = build_model(**asdict(cfg.model))
-    model.load_state_dict(load_file(str(weights)), strict=True)
-    return model.eval()
+    return load_model_weights(build_model(**asdict(cfg.model)), ckpt).eval()
 
 
 def folder_images(folder: str, img_size: int, count: int) -> torch.Tensor:

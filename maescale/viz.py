@@ -54,9 +54,18 @@ def to_display(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
-@torch.no_grad()
 def reconstruction_panels(model, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Run the MAE with a fixed mask and return the four panels as [N,H,W,3] images."""
+    """Run the MAE (in eval mode, without gradients) with a fixed mask; return the four panels."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _panels(model, images, seed)
+    finally:
+        model.train(was_training)
+
+
+def _panels(model, images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     images = images.float()
     patches = model.patchify(images)
     n, num_patches, _ = patches.shape
@@ -81,20 +90,19 @@ def reconstruction_panels(model, images: torch.Tensor, seed: int = 0) -> dict[st
 
 
 def save_reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: int = 0, title: str = "") -> Path:
-    """Save a rows-of-images figure (one row per image, four panels) as PNG."""
+    """Reconstruct `images` with a fixed mask and save the four-panel figure as PNG."""
+    return draw_panels(reconstruction_panels(model, images, seed), path, title)
+
+
+def draw_panels(panels: dict[str, torch.Tensor], path: str | Path, title: str = "") -> Path:
+    """Save a rows-of-images figure (one row per image, one column per panel) as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    was_training = model.training
-    model.eval()
-    try:
-        panels = reconstruction_panels(model, images, seed)
-    finally:
-        model.train(was_training)
     names = list(panels)
-    rows = images.shape[0]
+    rows = panels[names[0]].shape[0]
     fig, axes = plt.subplots(rows, len(names), figsize=(2.0 * len(names), 2.0 * rows), squeeze=False)
     for r in range(rows):
         for c, name in enumerate(names):

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -227,6 +228,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.num_patches = self.grid_size**2
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
+        # Recompute each block in the backward pass instead of storing its activations
+        # (set by the parallel layer; see maescale/parallel.py).
+        self.activation_checkpointing = False
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         num_tokens = 1 + self.num_patches  # cls + patches
 
@@ -320,8 +324,13 @@ class MaskedAutoencoderViT(nn.Module):
     def _encode(self, tokens: Tensor) -> Tensor:
         """Run the encoder blocks and final norm on ``[N, T, D]`` tokens."""
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = self._run_block(block, tokens)
         return self.norm(tokens)
+
+    def _run_block(self, block: nn.Module, tokens: Tensor) -> Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, tokens, use_reentrant=False)
+        return block(tokens)
 
     def forward_encoder(
         self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None
@@ -367,7 +376,7 @@ class MaskedAutoencoderViT(nn.Module):
         patches = torch.gather(shuffled, 1, index)  # back to the original patch order
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
         for block in self.decoder_blocks:
-            x = block(x)
+            x = self._run_block(block, x)
         # Norm and pred act per token, so dropping cls first is equivalent and saves work.
         return self.decoder_pred(self.decoder_norm(x[:, 1:]))
 

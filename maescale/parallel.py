@@ -1,0 +1,136 @@
+"""The one seam between the ways processes share the model: DDP and FSDP2.
+
+`build_accelerator` starts the process group (NCCL on GPUs, gloo on CPU, so the same
+code runs in tests without a GPU); `parallelize` applies, in this order, activation
+checkpointing, compilation, FSDP2 sharding of every transformer block and then of the
+root (so the embeddings, tokens and norms outside the blocks form one last group);
+`prepare` wraps the model and optimizer for the chosen strategy; `check_active`
+fails loudly when the requested strategy is not the one running.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from torch import nn
+
+from .config import Config
+
+# A rank that dies leaves the others blocked in a collective; they give up after this.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+class StrategyError(RuntimeError):
+    """The requested parallel strategy is not what is actually running."""
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    # Accelerate keeps its settings in a process-wide singleton that refuses a second
+    # Accelerator with another precision; each run (tests, notebooks) starts from its own
+    # settings. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    handlers = []
+    if launched_processes() > 1:  # naming a backend makes Accelerate start a process group
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT))
+    # FSDP2 casts parameters itself (MixedPrecisionPolicy); autocast is for DDP only.
+    autocast_bf16 = cfg.train.precision == "bf16" and cfg.parallel.strategy == "ddp"
+    return Accelerator(mixed_precision="bf16" if autocast_bf16 else "no", kwargs_handlers=handlers)
+
+
+def launched_processes() -> int:
+    """Processes started by the launcher (accelerate launch, torchrun, srun + accelerate)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def parallelize(model: nn.Module, cfg: Config, accelerator: Accelerator) -> nn.Module:
+    """Activation checkpointing -> compile -> per-block FSDP2 -> root FSDP2 (in place)."""
+    model.activation_checkpointing = cfg.parallel.activation_checkpointing
+    if cfg.train.compile:
+        model.compile()  # in place: state-dict keys stay free of `_orig_mod`
+    if cfg.parallel.strategy == "fsdp2":
+        shard_fsdp2(model, cfg, accelerator)
+    return model
+
+
+def shard_fsdp2(model: nn.Module, cfg: Config, accelerator: Accelerator) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        raise StrategyError("parallel.strategy=fsdp2 needs a process group: launch with accelerate launch or torchrun")
+    mp_policy = MixedPrecisionPolicy()
+    if cfg.train.precision == "bf16":
+        # bf16 compute and all-gathers, fp32 gradient reduction and master weights.
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    options = dict(mesh=device_mesh(accelerator), reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=mp_policy)
+    for block in [*model.blocks, *model.decoder_blocks]:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+
+
+def device_mesh(accelerator: Accelerator):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = accelerator.device.type
+    return init_device_mesh(device_type, (accelerator.num_processes,), mesh_dim_names=("shard",))
+
+
+def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, accelerator: Accelerator):
+    """Wrap for the strategy: DDP through Accelerate; an FSDP2 model is already sharded."""
+    if cfg.parallel.strategy == "ddp":
+        return accelerator.prepare(model, optimizer)
+    return model, optimizer
+
+
+def check_active(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str:
+    """Return a one-line description of what runs; raise if it is not what was asked for."""
+    strategy = cfg.parallel.strategy
+    world = accelerator.num_processes
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise StrategyError(
+            f"the accelerate launch config asks for {accelerator.distributed_type.value} but maescale shards "
+            f"the model itself: use configs/accelerate/*.yaml and set parallel.strategy instead"
+        )
+    if strategy == "fsdp2":
+        from torch.distributed.tensor import DTensor
+
+        sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+        if len(sharded) != len(list(model.parameters())):
+            raise StrategyError("parallel.strategy=fsdp2 but some parameters are not sharded")
+    elif strategy == "ddp" and world > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
+        raise StrategyError(f"parallel.strategy=ddp on {world} processes but the model is not DDP-wrapped")
+    return f"{strategy} on {world} process(es) ({accelerator.device}, {backend_name()})"
+
+
+def backend_name() -> str:
+    return dist.get_backend() if dist.is_initialized() else "no process group"
+
+
+@contextmanager
+def no_gradient_sync(model: nn.Module, accelerator: Accelerator, skip: bool):
+    """Accumulate gradients locally on the micro-batches that do not end a step."""
+    if not skip:
+        yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    with accelerator.no_sync(model) if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext():
+        yield
+
+
+def unwrap(model: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """The MAE module itself (FSDP2 shards in place, so only DDP needs unwrapping)."""
+    return accelerator.unwrap_model(model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
