@@ -44,6 +44,14 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_consolidated
+
+    path = export_consolidated(args.ckpt, args.out, config=args.config)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import TABLE_HEADER, TABLE_RULE, bench_train_step, table_row
 
@@ -86,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the mask")
     _add_config_arguments(p)
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as one ordinary file",
+        description="Gather a (possibly sharded) checkpoint into one safetensors file of the full MAE "
+        "(official key names), loadable with load_state_dict(strict=True) into build_model(name).",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (output_dir/checkpoints/step_XXXXXXXX)")
+    p.add_argument("--format", choices=["consolidated"], default="consolidated", help="output format")
+    p.add_argument("--out", required=True, help="file to write (.safetensors)")
+    p.add_argument("--config", help="config of the run (default: the run's config.yaml)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "bench",

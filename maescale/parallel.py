@@ -43,7 +43,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT))
     # FSDP2 casts parameters itself (MixedPrecisionPolicy); autocast is for DDP only.
     autocast_bf16 = cfg.train.precision == "bf16" and cfg.parallel.strategy == "ddp"
-    return Accelerator(mixed_precision="bf16" if autocast_bf16 else "no", kwargs_handlers=handlers)
+    # Without a GPU, Accelerate only treats a launch as distributed (MULTI_CPU) when told cpu=True.
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision="bf16" if autocast_bf16 else "no", kwargs_handlers=handlers
+    )
 
 
 def launched_processes() -> int:
@@ -107,7 +110,26 @@ def check_active(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str
             raise StrategyError("parallel.strategy=fsdp2 but some parameters are not sharded")
     elif strategy == "ddp" and world > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
         raise StrategyError(f"parallel.strategy=ddp on {world} processes but the model is not DDP-wrapped")
-    return f"{strategy} on {world} process(es) ({accelerator.device}, {backend_name()})"
+    held = 100 * local_parameter_fraction(model)
+    return f"{strategy} on {world} process(es) ({accelerator.device.type}, {backend_name()}), {held:.1f}% of the parameters held here"
+
+
+def local_parameter_fraction(model: nn.Module) -> float:
+    """Share of the model's parameter elements stored by this process (1.0 unless sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    return local / sum(p.numel() for p in params)
+
+
+def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
+    """All-reduce average of a tensor (a copy; unchanged without a process group)."""
+    value = value.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
 
 
 def backend_name() -> str:

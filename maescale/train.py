@@ -313,7 +313,7 @@ class Trainer:
 
     def _log(self, mean_loss: torch.Tensor, lr: float, images_per_sec: float, bar) -> None:
         acc = self.accelerator
-        loss = acc.reduce(mean_loss.detach().clone(), reduction="mean")
+        loss = parallel.mean_across_processes(mean_loss)
         self._check_finite(loss)
         row = {
             "step": self.state.step,
