@@ -32,15 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out: Path, nproc: int, *overrides: str, steps: int = 6) -> subprocess.CompletedProcess:
+def run(out: Path, nproc: int, *overrides: str, steps: int = 6, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     """`maescale pretrain` on `nproc` processes with the same global batch; returns the finished process."""
     args = [*COMMON, f"output_dir={out}", f"data.batch_size={GLOBAL_BATCH // nproc}", f"train.max_steps={steps}", *overrides]
-    launcher = [sys.executable, "-m", "maescale"]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                    f"--master_port={free_port()}", "-m", "maescale"]
+    command = [sys.executable, "-m", "maescale"]
+    if nproc > 1 and launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={free_port()}", "-m", "maescale"]
+    elif nproc > 1:  # the documented way: accelerate launch with a config from configs/accelerate
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
+                   "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "maescale"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([*launcher, "pretrain", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*command, "pretrain", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -104,7 +107,8 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_back(tmp_path, single):
 
 def test_export_consolidated_of_a_sharded_checkpoint(tmp_path):
     out = tmp_path / "fsdp2"
-    run(out, 2, "parallel.strategy=fsdp2", steps=3)
+    result = run(out, 2, "parallel.strategy=fsdp2", steps=3, launcher="accelerate")
+    assert "fsdp2 on 2 process(es)" in result.stdout
     ckpt = checkpoint.latest(checkpoint.checkpoint_root(out))
     exported = tmp_path / "mae.safetensors"
     cli = subprocess.run(
