@@ -132,6 +132,24 @@ def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+_control_group = None
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any (e.g. a stop signal reached one).
+
+    Runs over a CPU (gloo) group so it never waits for the GPU stream: cheap to call every step.
+    """
+    global _control_group
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    if _control_group is None:
+        _control_group = dist.new_group(backend="gloo")
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(value.item())
+
+
 def backend_name() -> str:
     return dist.get_backend() if dist.is_initialized() else "no process group"
 

@@ -284,10 +284,11 @@ class Trainer:
                     window_steps = 0
                 if done:
                     return None
-                if stop.requested:
+                if parallel.any_process(stop.requested):  # every process stops after the same step
                     self._check_finite(window_loss)
-                    self.print(f"{stop.signal_name} received: stopping after step {self.state.step}")
-                    return stop.signal_name
+                    signal_name = stop.signal_name or "SIGTERM"  # received by another process
+                    self.print(f"{signal_name} received: stopping after step {self.state.step}")
+                    return signal_name
                 if self.state.step % cfg.checkpoint.every_steps == 0:
                     self._check_finite(window_loss)
                     self.save_checkpoint()

@@ -3,9 +3,11 @@ really shard, and their checkpoints resume on another number of processes."""
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,35 @@ def test_export_consolidated_of_a_sharded_checkpoint(tmp_path):
         assert model(images, noise=noise)[0] == from_checkpoint(images, noise=noise)[0]
     cfg = load_config(out / "config.yaml")
     assert cfg.parallel.strategy == "fsdp2"
+
+
+def worker_with_rank(parent: int, rank: int) -> int | None:
+    """PID of the torchrun worker whose environment says RANK=`rank`."""
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    return None
+
+
+def test_a_signal_to_one_rank_stops_all_after_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    args = [*COMMON, f"output_dir={out}", "data.batch_size=8", "train.max_steps=100000", "schedule.epochs=5000",
+            "parallel.strategy=fsdp2", "checkpoint.every_steps=100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "maescale", "pretrain", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.kill(worker_with_rank(proc.pid, 1), signal.SIGTERM)  # rank 1 only, like a preempted task
+    output, _ = proc.communicate(timeout=120)
+    assert "SIGTERM received: stopping after step" in output, output[-3000:]
+    saved = checkpoint.latest(checkpoint.checkpoint_root(out))
+    assert saved is not None, output[-3000:]
+    assert int(saved.name.split("_")[1]) == read_metrics(out)[-1]["step"]  # both ranks saved the same step
