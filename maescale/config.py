@@ -79,6 +79,7 @@ class TrainConfig:
 class ParallelConfig:
     strategy: Literal["ddp", "fsdp2"] = opt("ddp", "ddp replicates the model; fsdp2 shards every block (needs a process group); ddp on one process is plain training.")
     activation_checkpointing: bool = opt(False, "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).")
+    replicate_degree: int = opt(1, "FSDP2: >1 gives HSDP, replicas of this many groups, each sharding the model (e.g. nodes); must divide the process count.")
     reshard_after_forward: bool = opt(True, "FSDP2: free gathered block weights after forward (ZeRO-3 style); False keeps them until backward (ZeRO-2 style, more memory, less communication).")
 
 
@@ -238,6 +239,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.accum_iter > 0, "train.accum_iter must be positive"),
         (cfg.train.log_every > 0, "train.log_every must be positive"),
         (cfg.train.figure_every is None or cfg.train.figure_every > 0, "train.figure_every must be positive or null"),
+        (cfg.parallel.replicate_degree > 0, "parallel.replicate_degree must be positive"),
         (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
         (cfg.checkpoint.keep_last > 0, "checkpoint.keep_last must be positive"),
     ]

@@ -73,17 +73,24 @@ def shard_fsdp2(model: nn.Module, cfg: Config, accelerator: Accelerator) -> None
     if cfg.train.precision == "bf16":
         # bf16 compute and all-gathers, fp32 gradient reduction and master weights.
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    options = dict(mesh=device_mesh(accelerator), reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=mp_policy)
+    options = dict(mesh=device_mesh(accelerator, cfg.parallel.replicate_degree), reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=mp_policy)
     for block in [*model.blocks, *model.decoder_blocks]:
         fully_shard(block, **options)
     fully_shard(model, **options)
 
 
-def device_mesh(accelerator: Accelerator):
+def device_mesh(accelerator: Accelerator, replicate: int = 1):
+    """1-D mesh (FSDP) or, with `replicate` > 1, a (replicate, shard) mesh (HSDP: shard inside a
+    group such as a node, all-reduce gradients across groups)."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    world = accelerator.num_processes
+    if world % replicate:
+        raise StrategyError(f"parallel.replicate_degree={replicate} does not divide the {world} processes")
     device_type = accelerator.device.type
-    return init_device_mesh(device_type, (accelerator.num_processes,), mesh_dim_names=("shard",))
+    if replicate == 1:
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
 
 
 def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, accelerator: Accelerator):
