@@ -30,7 +30,7 @@ setup() {
   echo "env.sh: building $VENV (PyTorch is large: a few minutes the first time)" >&2
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e '.[test]'
+  "$VENV/bin/python" -m pip install -q -e '.[test,deepspeed]'
   touch "$STAMP"
 }
 

@@ -18,13 +18,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from accelerate import Accelerator
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .parallel import is_deepspeed
 
 CHECKPOINTS = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
 PARTIAL_PREFIX = ".partial-"
 TRAIN_STATE = "train_state.json"
 DCP_METADATA = ".metadata"  # written last by torch.distributed.checkpoint
+DEEPSPEED_FOLDER = "pytorch_model"  # where Accelerate puts DeepSpeed's ZeRO checkpoint
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -55,12 +59,16 @@ def remove_partials(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save(model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict, root: Path, step: int, keep_last: int) -> Path:
-    """Collectively write model + optimizer (torch.distributed.checkpoint) and the train state.
+def save(
+    model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict, root: Path, step: int, keep_last: int,
+    accelerator: Accelerator,
+) -> Path:
+    """Collectively write model + optimizer and the train state.
 
-    DCP stores every tensor under its fully qualified name with its global shape, whatever
-    the strategy or process count, so a checkpoint resumes under DDP, FSDP2 or one process,
-    on any number of processes.
+    DDP and FSDP2 use torch.distributed.checkpoint, which stores every tensor under its fully
+    qualified name with its global shape: the checkpoint resumes under DDP, FSDP2 or one
+    process, on any number of processes. DeepSpeed writes its own ZeRO format (through
+    Accelerate), which resumes on the same number of processes.
     """
     is_main = _rank() == 0
     final = root / step_name(step)
@@ -69,7 +77,10 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict, 
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
-    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(partial))
+    if is_deepspeed(accelerator):
+        accelerator.save_state(str(partial))
+    else:
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(partial))
     if is_main:
         (partial / TRAIN_STATE).write_text(json.dumps(train_state))
     _barrier()
@@ -83,27 +94,51 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict, 
     return final
 
 
-def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> dict:
+def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, accelerator: Accelerator) -> dict:
     """Load model + optimizer into the (possibly sharded) objects; return the train state."""
     _require_checkpoint(path)
-    state = _state_dicts(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if is_deepspeed_checkpoint(path) != is_deepspeed(accelerator):
+        raise ValueError(f"{path} was written {'with' if is_deepspeed_checkpoint(path) else 'without'} DeepSpeed; "
+                         f"resume it with the same kind of parallel.strategy, or start a new output_dir")
+    if is_deepspeed(accelerator):
+        accelerator.load_state(str(path))
+    else:
+        state = _state_dicts(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads((path / TRAIN_STATE).read_text())
 
 
 def load_model_weights(model: nn.Module, path: Path) -> nn.Module:
     """Load only the weights of a checkpoint into a plain, unsharded model (one process)."""
     _require_checkpoint(path)
+    if is_deepspeed_checkpoint(path):
+        return _load_zero_weights(model, path)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict(state["model"], strict=True)
     return model
 
 
+def _load_zero_weights(model: nn.Module, path: Path) -> nn.Module:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path))  # reads the tag from path/latest
+    result = model.load_state_dict(state, strict=False)
+    # ZeRO-1 checkpoints leave out frozen parameters; the fixed sin-cos tables are rebuilt exactly.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    if result.unexpected_keys or set(result.missing_keys) - frozen:
+        raise ValueError(f"{path}: weights do not match the model: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    return model
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    return (path / DEEPSPEED_FOLDER).is_dir()
+
+
 def _require_checkpoint(path: Path) -> None:
-    if not (path / DCP_METADATA).is_file():
-        raise FileNotFoundError(f"{path} is not a maescale checkpoint (no {DCP_METADATA}); expected output_dir/checkpoints/step_XXXXXXXX")
+    if not (path / DCP_METADATA).is_file() and not is_deepspeed_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a maescale checkpoint; expected output_dir/checkpoints/step_XXXXXXXX")
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -77,7 +77,8 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: Literal["ddp", "fsdp2"] = opt("ddp", "ddp replicates the model; fsdp2 shards every block (needs a process group); ddp on one process is plain training.")
+    strategy: Literal["ddp", "fsdp2", "deepspeed"] = opt("ddp", "ddp replicates the model; fsdp2 shards every block; deepspeed uses ZeRO (parallel.zero_stage); ddp on one process is plain training.")
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters.")
     activation_checkpointing: bool = opt(False, "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).")
     replicate_degree: int = opt(1, "FSDP2: >1 gives HSDP, replicas of this many groups, each sharding the model (e.g. nodes); must divide the process count.")
     reshard_after_forward: bool = opt(True, "FSDP2: free gathered block weights after forward (ZeRO-3 style); False keeps them until backward (ZeRO-2 style, more memory, less communication).")
@@ -240,6 +241,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.log_every > 0, "train.log_every must be positive"),
         (cfg.train.figure_every is None or cfg.train.figure_every > 0, "train.figure_every must be positive or null"),
         (cfg.parallel.replicate_degree > 0, "parallel.replicate_degree must be positive"),
+        (cfg.parallel.zero_stage in (1, 2, 3), "parallel.zero_stage must be 1, 2 or 3"),
+        (cfg.parallel.strategy != "deepspeed" or cfg.train.accum_iter == 1,
+         "train.accum_iter > 1 is not supported with parallel.strategy=deepspeed yet: raise data.batch_size or use fsdp2"),
         (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
         (cfg.checkpoint.keep_last > 0, "checkpoint.keep_last must be positive"),
     ]

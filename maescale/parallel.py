@@ -41,12 +41,63 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if launched_processes() > 1:  # naming a backend makes Accelerate start a process group
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT))
+    if cfg.parallel.strategy == "deepspeed":
+        # bf16 is in the DeepSpeed config; Accelerate reads the precision from the plugin.
+        return Accelerator(deepspeed_plugin=deepspeed_plugin(cfg), kwargs_handlers=handlers)
     # FSDP2 casts parameters itself (MixedPrecisionPolicy); autocast is for DDP only.
     autocast_bf16 = cfg.train.precision == "bf16" and cfg.parallel.strategy == "ddp"
     # Without a GPU, Accelerate only treats a launch as distributed (MULTI_CPU) when told cpu=True.
     return Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision="bf16" if autocast_bf16 else "no", kwargs_handlers=handlers
     )
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The DeepSpeed JSON, written from the maescale config (the optimizer stays torch AdamW,
+    so no fused op is JIT-built)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.accum_iter,
+        # DeepSpeed clips at 1.0 unless told otherwise; 0 disables clipping.
+        "gradient_clipping": cfg.optim.clip_grad or 0.0,
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            # Partition every parameter, small ones included, so ZeRO-3 really shards (and is testable).
+            "stage3_param_persistence_threshold": 0,
+        },
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+    }
+
+
+def deepspeed_plugin(cfg: Config):
+    from accelerate import DeepSpeedPlugin
+
+    _deepspeed_workarounds()
+    return DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg), zero3_init_flag=False)
+
+
+def _deepspeed_workarounds() -> None:
+    """What DeepSpeed 0.19 + Accelerate 1.15 need to run anywhere, CPU included.
+
+    - DeepSpeed's torch backend JIT-compiles a shared-memory all-reduce op at every start on
+      CPU (40-100 s on a fresh machine); only its inference all-reduce uses it, not ZeRO.
+    - Accelerate's plugin registers a weak reference for transformers' `from_pretrained`
+      ZeRO-3 init, which imports transformers; maescale builds its models itself.
+    """
+    import sys
+
+    from accelerate import DeepSpeedPlugin
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed.comm.torch  # noqa: F401  (the module, reached through sys.modules below)
+
+        # `import deepspeed.comm.torch as m` would bind the torch package, which deepspeed.comm re-exports.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
 
 
 def launched_processes() -> int:
@@ -94,16 +145,33 @@ def device_mesh(accelerator: Accelerator, replicate: int = 1):
 
 
 def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, accelerator: Accelerator):
-    """Wrap for the strategy: DDP through Accelerate; an FSDP2 model is already sharded."""
-    if cfg.parallel.strategy == "ddp":
+    """Wrap for the strategy: DDP and DeepSpeed through Accelerate; an FSDP2 model is already sharded."""
+    if cfg.parallel.strategy in ("ddp", "deepspeed"):
         return accelerator.prepare(model, optimizer)
     return model, optimizer
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def clip_gradients(model: nn.Module, max_norm: float | None, accelerator: Accelerator) -> None:
+    """Clip the global gradient norm (DeepSpeed clips inside its step, from its config)."""
+    if max_norm is not None and not is_deepspeed(accelerator):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def input_dtype(accelerator: Accelerator) -> torch.dtype:
+    """DeepSpeed bf16 keeps the weights in bf16, so the images must be bf16 too."""
+    return torch.bfloat16 if is_deepspeed(accelerator) and accelerator.mixed_precision == "bf16" else torch.float32
 
 
 def check_active(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str:
     """Return a one-line description of what runs; raise if it is not what was asked for."""
     strategy = cfg.parallel.strategy
     world = accelerator.num_processes
+    if strategy == "deepspeed":
+        return _check_deepspeed(model, cfg, accelerator)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise StrategyError(
             f"the accelerate launch config asks for {accelerator.distributed_type.value} but maescale shards "
@@ -119,6 +187,24 @@ def check_active(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str
         raise StrategyError(f"parallel.strategy=ddp on {world} processes but the model is not DDP-wrapped")
     held = 100 * local_parameter_fraction(model)
     return f"{strategy} on {world} process(es) ({accelerator.device.type}, {backend_name()}), {held:.1f}% of the parameters held here"
+
+
+def _check_deepspeed(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str:
+    stage, world = cfg.parallel.zero_stage, accelerator.num_processes
+    if not is_deepspeed(accelerator) or world != launched_processes() or model.zero_optimization_stage() != stage:
+        raise StrategyError(
+            f"parallel.strategy=deepspeed (ZeRO-{stage}) on {launched_processes()} process(es) requested, but "
+            f"Accelerate runs {accelerator.distributed_type.value} on {world}"
+        )
+    if stage == 3:
+        params = list(model.parameters())
+        held = sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
+    else:
+        held = 1.0
+    return (
+        f"deepspeed on {world} process(es) ({accelerator.device.type}, {backend_name()}), ZeRO-{stage}, "
+        f"{100 * held:.1f}% of the parameters held here"
+    )
 
 
 def local_parameter_fraction(model: nn.Module) -> float:

@@ -137,14 +137,13 @@ def train_step(
     """
     total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(batches):
-        images = batch.images.to(accelerator.device, non_blocking=True)
+        images = batch.images.to(accelerator.device, parallel.input_dtype(accelerator), non_blocking=True)
         noise = batch.mask_noise(num_patches).to(accelerator.device, non_blocking=True)
         with no_gradient_sync(model, accelerator, skip=i < len(batches) - 1):
             loss, _, _ = model(images, noise=noise)
             accelerator.backward(loss / len(batches))
         total += loss.detach().float()
-    if clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    parallel.clip_gradients(model, clip_grad, accelerator)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / len(batches)
@@ -209,13 +208,14 @@ class Trainer:
         return checkpoint.resolve_resume(cfg.checkpoint.resume, self.output_dir)
 
     def resume(self, path: Path) -> None:
-        self.state.load_state_dict(checkpoint.load(self.model, self.optimizer, path))
+        self.state.load_state_dict(checkpoint.load(self.model, self.optimizer, path, self.accelerator))
         self.metrics.truncate_after(self.state.step)
         self.print(f"resumed from {path} at step {self.state.step}")
 
     def save_checkpoint(self) -> Path:
         return checkpoint.save(
-            self.model, self.optimizer, self.state.state_dict(), self.ckpt_root, self.state.step, self.cfg.checkpoint.keep_last
+            self.model, self.optimizer, self.state.state_dict(), self.ckpt_root, self.state.step,
+            self.cfg.checkpoint.keep_last, self.accelerator,
         )
 
     def save_figure(self, final: bool = False) -> Path | None:

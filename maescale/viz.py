@@ -72,7 +72,8 @@ def _panels(model, images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     grid = int(round(num_patches**0.5))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.rand(n, num_patches, generator=generator).to(images.device)
-    _, pred, mask = model(images, noise=noise)
+    # The parameters' dtype is what the model takes in (bf16 under DeepSpeed bf16).
+    _, pred, mask = model(images.to(next(model.parameters()).dtype), noise=noise)
     pred = pred.float()
     if model.norm_pix_loss:
         pred = denormalize_prediction(pred, patches, mask, grid)

@@ -19,6 +19,7 @@ from maescale.config import load_config
 from maescale.export import load_run_model
 from maescale.metrics import read_metrics
 from maescale.models import build_model
+from maescale.train import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 16
@@ -75,18 +76,23 @@ def single(tmp_path_factory) -> Path:
         ("fsdp2_keep", ["parallel.strategy=fsdp2", "parallel.reshard_after_forward=false"], 1e-4),
         ("fsdp2_bf16", ["parallel.strategy=fsdp2", "train.precision=bf16"], 2e-2),
         ("hsdp", ["parallel.strategy=fsdp2", "parallel.replicate_degree=2"], 1e-4),
+        ("zero1", ["parallel.strategy=deepspeed", "parallel.zero_stage=1"], 1e-4),
+        ("zero2", ["parallel.strategy=deepspeed", "parallel.zero_stage=2"], 1e-4),
+        ("zero3", ["parallel.strategy=deepspeed", "parallel.zero_stage=3"], 1e-4),
+        ("zero3_bf16", ["parallel.strategy=deepspeed", "parallel.zero_stage=3", "train.precision=bf16"], 2e-2),
     ],
 )
 def test_two_processes_match_one(tmp_path, single, name, overrides, tolerance):
     out = tmp_path / name
     result = run(out, 2, *overrides)
     strategy = overrides[0].split("=")[1]
-    held = re.search(rf"{strategy} on 2 process\(es\) \(cpu, gloo\), ([\d.]+)% of the parameters held here", result.stdout)
+    held = re.search(rf"{strategy} on 2 process\(es\) \(cpu, gloo\), (ZeRO-\d, )?([\d.]+)% of the parameters held here", result.stdout)
     assert held, result.stdout
-    # FSDP2 really shards: rank 0 holds about half (plus the [1, L, D] position embeddings,
-    # which shard along their first dimension of size 1); DDP holds a full replica.
-    sharded = strategy == "fsdp2" and "parallel.replicate_degree=2" not in overrides  # HSDP 2x1: replicas
-    assert (0.45 < float(held.group(1)) / 100 < 0.6) if sharded else float(held.group(1)) == 100.0
+    # FSDP2 and ZeRO-3 really shard: rank 0 holds about half (FSDP2 keeps the [1, L, D] position
+    # embeddings whole, they shard along a first dimension of size 1); DDP, HSDP 2x1 and ZeRO-1/2
+    # hold every parameter (ZeRO-1/2 partition optimizer state and gradients).
+    sharded = name in ("fsdp2", "fsdp2_ac", "fsdp2_keep", "fsdp2_bf16", "zero3", "zero3_bf16")
+    assert (45 <= float(held.group(2)) < 60) if sharded else float(held.group(2)) == 100.0
     assert losses(out) == pytest.approx(losses(single), rel=tolerance)
     reference = final_weights(single)
     for key, value in final_weights(out).items():
@@ -109,10 +115,25 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_back(tmp_path, single):
         assert losses(resumed) == pytest.approx(losses(straight), rel=1e-4)
 
 
-def test_export_consolidated_of_a_sharded_checkpoint(tmp_path):
-    out = tmp_path / "fsdp2"
-    result = run(out, 2, "parallel.strategy=fsdp2", steps=3, launcher="accelerate")
-    assert "fsdp2 on 2 process(es)" in result.stdout
+def test_deepspeed_resumes_on_the_same_process_count(tmp_path, single):
+    straight = tmp_path / "straight"
+    run(straight, 1, steps=9)
+    zero = ["parallel.strategy=deepspeed", "parallel.zero_stage=3"]
+    out = tmp_path / "zero3"
+    run(out, 2, *zero, steps=6)
+    result = run(out, 2, *zero, steps=9)
+    assert "resumed from" in result.stdout + result.stderr
+    assert losses(out) == pytest.approx(losses(straight), rel=1e-4)
+    # a ZeRO checkpoint does not resume under another strategy: a clear error, not a crash
+    with pytest.raises(ValueError, match="written with DeepSpeed"):
+        pretrain(load_config(None, [*COMMON, f"output_dir={out}", "data.batch_size=16", "train.max_steps=12"]))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed"])
+def test_export_consolidated_of_a_sharded_checkpoint(tmp_path, strategy):
+    out = tmp_path / strategy
+    result = run(out, 2, f"parallel.strategy={strategy}", "parallel.zero_stage=3", steps=3, launcher="accelerate")
+    assert f"{strategy} on 2 process(es)" in result.stdout
     ckpt = checkpoint.latest(checkpoint.checkpoint_root(out))
     exported = tmp_path / "mae.safetensors"
     cli = subprocess.run(
@@ -128,7 +149,7 @@ def test_export_consolidated_of_a_sharded_checkpoint(tmp_path):
     with torch.no_grad():
         assert model(images, noise=noise)[0] == from_checkpoint(images, noise=noise)[0]
     cfg = load_config(out / "config.yaml")
-    assert cfg.parallel.strategy == "fsdp2"
+    assert cfg.parallel.strategy == strategy
 
 
 def worker_with_rank(parent: int, rank: int) -> int | None:
