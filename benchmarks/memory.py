@@ -1,85 +1,169 @@
-"""Per-process bytes of parameters, gradients and optimizer state for each strategy.
+"""Per-process memory of each parallel strategy, measured side by side.
 
-    torchrun --nproc_per_node 2 benchmarks/memory.py --model mae_vit_base_patch16 --strategies ddp fsdp2
+    python benchmarks/memory.py --model mae_vit_base_patch16 --nproc 2 \
+        --strategies ddp fsdp2 zero1 zero2 zero3
 
-Builds the model exactly as the trainer does (maescale.parallel), runs one AdamW step on
-one image per process, then counts the bytes each process stores (DTensor shards count
-their local part). Rank 0 prints a Markdown table with the per-rank maximum.
+Each strategy runs in fresh processes (torchrun, gloo on CPU or NCCL on GPUs) that build
+the model exactly as the trainer does (maescale.parallel), run one forward + backward +
+AdamW step on one image per process (fp32 unless the row says bf16), and report per process:
+
+* parameters held: elements of the model's weights stored here (DTensor shards and ZeRO-3
+  partitions count their local part);
+* live tensors after backward / after the step: bytes of every distinct tensor storage
+  reachable from Python (weights, gradients, ZeRO's flat buffers and fp32 master
+  partitions, optimizer moments), deduplicated by storage, so no strategy's internals need
+  to be known;
+* peak RSS growth: the process's high-water resident memory minus its resident memory
+  before the model was built (Linux), which also sees buffers owned by C++ (DDP buckets).
+
+The table shows the maximum over processes; "vs ddp" compares the larger live-tensor figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maescale import parallel  # noqa: E402
-from maescale.config import load_config  # noqa: E402
-from maescale.models import build_model  # noqa: E402
-from maescale.optim import build_optimizer  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# strategy name in the table -> config overrides
+STRATEGIES = {
+    "ddp": ["parallel.strategy=ddp"],
+    "fsdp2": ["parallel.strategy=fsdp2"],
+    "zero1": ["parallel.strategy=deepspeed", "parallel.zero_stage=1"],
+    "zero2": ["parallel.strategy=deepspeed", "parallel.zero_stage=2"],
+    "zero3": ["parallel.strategy=deepspeed", "parallel.zero_stage=3"],
+    # bf16 changes what is stored only where the weights themselves are cast (DDP autocasts)
+    "fsdp2_bf16": ["parallel.strategy=fsdp2", "train.precision=bf16"],
+    "zero3_bf16": ["parallel.strategy=deepspeed", "parallel.zero_stage=3", "train.precision=bf16"],
+}
+RESULT_PREFIX = "MEMORY_RESULT "
 
 
-def local_bytes(tensor) -> int:
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct storages of all tensors the garbage collector can see."""
     from torch.distributed.tensor import DTensor
 
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.numel() * local.element_size()
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or isinstance(obj, DTensor) or obj.is_meta:
+            continue  # a DTensor's local shard is a tensor of its own and is counted as such
+        storage = obj.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def resident_kib(field: str) -> int:
+    """VmRSS or VmHWM (peak) of this process, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def parameters_held(model) -> int:
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):  # ZeRO-3 keeps only its partition
+            p = p.ds_tensor
+        elif isinstance(p, DTensor):
+            p = p.to_local()
+        total += p.numel() * p.element_size()
+    return total
 
 
 def measure(model_name: str, strategy: str) -> dict[str, int]:
-    cfg = load_config(None, [f"model.name={model_name}", f"parallel.strategy={strategy}"])
+    """Run one step with `strategy` in this (torchrun-launched) process."""
+    from maescale import parallel
+    from maescale.config import load_config
+    from maescale.models import build_model
+    from maescale.optim import build_optimizer
+
+    cfg = load_config(None, [f"model.name={model_name}", "data.batch_size=1", *STRATEGIES[strategy]])
     accelerator = parallel.build_accelerator(cfg)
+    rss_before = resident_kib("VmRSS")
     torch.manual_seed(0)
     model = parallel.parallelize(build_model(model_name), cfg, accelerator)
+    size = model.img_size
     optimizer = build_optimizer(model, cfg, lr=1e-4)
     model, optimizer = parallel.prepare(model, optimizer, cfg, accelerator)
-    size = cfg_img_size(model_name)
-    images = torch.randn(1, 3, size, size)
+    images = torch.randn(1, 3, size, size, device=accelerator.device, dtype=parallel.input_dtype(accelerator))
     loss, _, _ = model(images)
-    loss.backward()
+    accelerator.backward(loss)
+    # Gradients live in C++ until Python asks for them; holding them makes them visible.
+    gradients = [p.grad for p in model.parameters()]  # noqa: F841
+    after_backward = live_tensor_bytes()
     optimizer.step()
-    params = list(model.parameters())
-    counts = {
-        "parameters": sum(local_bytes(p) for p in params),
-        "gradients": sum(local_bytes(p.grad) for p in params if p.grad is not None),
-        "optimizer": sum(local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+    after_step = live_tensor_bytes()
+    return {
+        "parameters": parameters_held(model),
+        "after_backward": after_backward,
+        "after_step": after_step,
+        "rss_growth": (resident_kib("VmHWM") - rss_before) * 1024,
     }
-    counts["total"] = sum(counts.values())
-    return {k: max_over_ranks(v) for k, v in counts.items()}
 
 
-def cfg_img_size(model_name: str) -> int:
-    with torch.device("meta"):
-        return build_model(model_name).img_size
+def worker(model_name: str, strategy: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    result = measure(model_name, strategy)
+    values = torch.tensor(list(result.values()), dtype=torch.int64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0:
+        print(RESULT_PREFIX + json.dumps(dict(zip(result, values.tolist()))), flush=True)
 
 
-def max_over_ranks(value: int) -> int:
-    tensor = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+def launch(model_name: str, strategy: str, nproc: int) -> dict[str, int]:
+    """Fresh processes per strategy, so one strategy's peak memory never hides another's."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+               __file__, "--worker", strategy, "--model", model_name]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise RuntimeError(f"{strategy} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+def print_table(model_name: str, nproc: int, rows: dict[str, dict[str, int]]) -> None:
+    print(f"{model_name}, {nproc} processes, AdamW, one image per process; MiB per process (max over processes)\n")
+    print("| strategy | parameters held | live tensors after backward | after step | peak RSS growth | vs ddp |")
+    print("|---|---|---|---|---|---|")
+    base = max(rows["ddp"]["after_backward"], rows["ddp"]["after_step"]) if "ddp" in rows else None
+    for strategy, r in rows.items():
+        mib = {k: v / 2**20 for k, v in r.items()}
+        ratio = f"{max(r['after_backward'], r['after_step']) / base:.2f}" if base else "-"
+        print(f"| {strategy} | {mib['parameters']:.0f} | {mib['after_backward']:.0f} | {mib['after_step']:.0f} | "
+              f"{mib['rss_growth']:.0f} | {ratio} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mae_vit_base_patch16")
-    parser.add_argument("--strategies", nargs="+", default=["ddp", "fsdp2"])
+    parser.add_argument("--nproc", type=int, default=2, help="processes per strategy")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--worker", choices=list(STRATEGIES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    rows = [(strategy, measure(args.model, strategy)) for strategy in args.strategies]
-    if dist.get_rank() == 0:
-        world = dist.get_world_size()
-        print(f"{args.model}, {world} processes, fp32 AdamW; MiB per process (max over ranks)\n")
-        print("| strategy | parameters | gradients | optimizer state | total | vs ddp |")
-        print("|---|---|---|---|---|---|")
-        base = rows[0][1]["total"]
-        for strategy, c in rows:
-            mib = {k: v / 2**20 for k, v in c.items()}
-            print(f"| {strategy} | {mib['parameters']:.1f} | {mib['gradients']:.1f} | {mib['optimizer']:.1f} | "
-                  f"{mib['total']:.1f} | {c['total'] / base:.2f} |")
+    if args.worker:
+        worker(args.model, args.worker)
+        return
+    rows = {}
+    for strategy in args.strategies:
+        rows[strategy] = launch(args.model, strategy, args.nproc)
+        print(f"measured {strategy}", file=sys.stderr, flush=True)
+    print_table(args.model, args.nproc, rows)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, describe_keys, load_config
+from .config import describe_keys, load_config
+from .errors import USER_ERRORS
 
 
 def _keys_epilog() -> str:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except USER_ERRORS as error:
         print(f"maescale {args.command}: error: {error}", file=sys.stderr)
         return 2
 

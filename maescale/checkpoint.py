@@ -21,6 +21,7 @@ from torch import nn
 from accelerate import Accelerator
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .errors import CheckpointError
 from .parallel import is_deepspeed
 
 CHECKPOINTS = "checkpoints"
@@ -82,7 +83,8 @@ def save(
     else:
         dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(partial))
     if is_main:
-        (partial / TRAIN_STATE).write_text(json.dumps(train_state))
+        written_by = {"world_size": accelerator.num_processes, "deepspeed": is_deepspeed(accelerator)}
+        (partial / TRAIN_STATE).write_text(json.dumps({**train_state, "written_by": written_by}))
     _barrier()
     if is_main:
         if final.exists():  # the same step saved again (e.g. interrupt right after a periodic save)
@@ -98,15 +100,29 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, acceler
     """Load model + optimizer into the (possibly sharded) objects; return the train state."""
     _require_checkpoint(path)
     if is_deepspeed_checkpoint(path) != is_deepspeed(accelerator):
-        raise ValueError(f"{path} was written {'with' if is_deepspeed_checkpoint(path) else 'without'} DeepSpeed; "
+        raise CheckpointError(f"{path} was written {'with' if is_deepspeed_checkpoint(path) else 'without'} DeepSpeed; "
                          f"resume it with the same kind of parallel.strategy, or start a new output_dir")
+    train_state = json.loads((path / TRAIN_STATE).read_text())
     if is_deepspeed(accelerator):
+        _require_same_process_count(path, train_state, accelerator.num_processes)
         accelerator.load_state(str(path))
     else:
         state = _state_dicts(model, optimizer)
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return json.loads((path / TRAIN_STATE).read_text())
+    train_state.pop("written_by", None)
+    return train_state
+
+
+def _require_same_process_count(path: Path, train_state: dict, world_size: int) -> None:
+    """DeepSpeed 0.19 cannot re-partition ZeRO optimizer state for another process count."""
+    saved = train_state.get("written_by", {}).get("world_size", world_size)
+    if saved != world_size:
+        raise CheckpointError(
+            f"{path} is a ZeRO checkpoint of {saved} processes and this run has {world_size}: DeepSpeed resumes "
+            f"its partitioned optimizer state only on the same number. Relaunch with {saved} processes "
+            f"(parallel.strategy=fsdp2 checkpoints resume on any number)"
+        )
 
 
 def load_model_weights(model: nn.Module, path: Path) -> nn.Module:

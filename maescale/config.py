@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import ConfigError
+
 
 def opt(default: Any, help: str) -> Any:
     """A config field with a default and a help text shown by `--help`."""
@@ -81,6 +83,7 @@ class ParallelConfig:
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters.")
     activation_checkpointing: bool = opt(False, "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).")
     replicate_degree: int = opt(1, "FSDP2: >1 gives HSDP, replicas of this many groups, each sharding the model (e.g. nodes); must divide the process count.")
+    cpu_offload: bool = opt(False, "FSDP2: keep sharded weights, gradients and optimizer state in host memory and step the optimizer there (fits larger models on fewer GPUs, slower steps).")
     reshard_after_forward: bool = opt(True, "FSDP2: free gathered block weights after forward (ZeRO-3 style); False keeps them until backward (ZeRO-2 style, more memory, less communication).")
 
 
@@ -105,10 +108,6 @@ class Config:
 
 
 DERIVED = "derived"
-
-
-class ConfigError(ValueError):
-    """A user error in a config file or override, naming the key."""
 
 
 # ---------------------------------------------------------------- loading
@@ -242,8 +241,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.figure_every is None or cfg.train.figure_every > 0, "train.figure_every must be positive or null"),
         (cfg.parallel.replicate_degree > 0, "parallel.replicate_degree must be positive"),
         (cfg.parallel.zero_stage in (1, 2, 3), "parallel.zero_stage must be 1, 2 or 3"),
-        (cfg.parallel.strategy != "deepspeed" or cfg.train.accum_iter == 1,
-         "train.accum_iter > 1 is not supported with parallel.strategy=deepspeed yet: raise data.batch_size or use fsdp2"),
+        (cfg.parallel.strategy == "fsdp2" or not cfg.parallel.cpu_offload,
+         "parallel.cpu_offload needs parallel.strategy=fsdp2"),
         (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
         (cfg.checkpoint.keep_last > 0, "checkpoint.keep_last must be positive"),
     ]

@@ -42,6 +42,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT))
     if cfg.parallel.strategy == "deepspeed":
+        _single_process_rendezvous()
         # bf16 is in the DeepSpeed config; Accelerate reads the precision from the plugin.
         return Accelerator(deepspeed_plugin=deepspeed_plugin(cfg), kwargs_handlers=handlers)
     # FSDP2 casts parameters itself (MixedPrecisionPolicy); autocast is for DDP only.
@@ -55,9 +56,12 @@ def build_accelerator(cfg: Config) -> Accelerator:
 def deepspeed_config(cfg: Config) -> dict:
     """The DeepSpeed JSON, written from the maescale config (the optimizer stays torch AdamW,
     so no fused op is JIT-built)."""
+    bucket = zero_bucket_elements(cfg.model.name)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.train.accum_iter,
+        # maescale feeds the micro-batches and scales the loss itself (train.accum_iter), and
+        # marks the last one of a step (no_gradient_sync); DeepSpeed must not scale again.
+        "gradient_accumulation_steps": 1,
         # DeepSpeed clips at 1.0 unless told otherwise; 0 disables clipping.
         "gradient_clipping": cfg.optim.clip_grad or 0.0,
         "zero_optimization": {
@@ -65,11 +69,23 @@ def deepspeed_config(cfg: Config) -> dict:
             "stage3_gather_16bit_weights_on_model_save": True,
             # Partition every parameter, small ones included, so ZeRO-3 really shards (and is testable).
             "stage3_param_persistence_threshold": 0,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+            "stage3_prefetch_bucket_size": bucket,
         },
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
     }
+
+
+def zero_bucket_elements(model_name: str) -> int:
+    """About one transformer block of parameters (12 d^2): DeepSpeed's default buckets of 5e8
+    elements make ZeRO-3 hold a 2 GB fp32 buffer per process even for a tiny model."""
+    from .models import MODEL_SPECS
+
+    width = MODEL_SPECS[model_name]["embed_dim"] if model_name in MODEL_SPECS else 1024
+    return 12 * width * width
 
 
 def deepspeed_plugin(cfg: Config):
@@ -100,6 +116,18 @@ def _deepspeed_workarounds() -> None:
     DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
 
 
+def _single_process_rendezvous() -> None:
+    """Without a launcher, DeepSpeed looks for MPI to find its peers; describe a group of one."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def launched_processes() -> int:
     """Processes started by the launcher (accelerate launch, torchrun, srun + accelerate)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -116,7 +144,7 @@ def parallelize(model: nn.Module, cfg: Config, accelerator: Accelerator) -> nn.M
 
 
 def shard_fsdp2(model: nn.Module, cfg: Config, accelerator: Accelerator) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if not dist.is_initialized():
         raise StrategyError("parallel.strategy=fsdp2 needs a process group: launch with accelerate launch or torchrun")
@@ -124,7 +152,15 @@ def shard_fsdp2(model: nn.Module, cfg: Config, accelerator: Accelerator) -> None
     if cfg.train.precision == "bf16":
         # bf16 compute and all-gathers, fp32 gradient reduction and master weights.
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    options = dict(mesh=device_mesh(accelerator, cfg.parallel.replicate_degree), reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=mp_policy)
+    # Offload keeps the sharded fp32 weights, gradients and optimizer state in host memory and
+    # runs the optimizer step there; pinned memory makes the copies asynchronous on GPUs.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.parallel.cpu_offload else OffloadPolicy()
+    options = dict(
+        mesh=device_mesh(accelerator, cfg.parallel.replicate_degree),
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+        mp_policy=mp_policy,
+        offload_policy=offload,
+    )
     for block in [*model.blocks, *model.decoder_blocks]:
         fully_shard(block, **options)
     fully_shard(model, **options)
@@ -252,6 +288,14 @@ def no_gradient_sync(model: nn.Module, accelerator: Accelerator, skip: bool):
     """Accumulate gradients locally on the micro-batches that do not end a step."""
     if not skip:
         yield
+        return
+    if is_deepspeed(accelerator):
+        # Accelerate then tells the engine this is not an accumulation boundary and skips its step.
+        accelerator.gradient_state._set_sync_gradients(False)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
         return
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(False)

@@ -59,6 +59,8 @@ def test_wrong_types_fail_with_the_key(override, message):
         ("train.accum_iter=0", "train.accum_iter"),
         ("schedule.warmup_epochs=900", "schedule.warmup_epochs"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("parallel.zero_stage=4", "parallel.zero_stage"),
+        ("parallel.cpu_offload=true", "parallel.cpu_offload"),  # the default strategy is ddp
     ],
 )
 def test_impossible_values_fail_with_the_key(override, message):

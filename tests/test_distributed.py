@@ -75,10 +75,13 @@ def single(tmp_path_factory) -> Path:
         ("fsdp2_ac", ["parallel.strategy=fsdp2", "parallel.activation_checkpointing=true"], 1e-4),
         ("fsdp2_keep", ["parallel.strategy=fsdp2", "parallel.reshard_after_forward=false"], 1e-4),
         ("fsdp2_bf16", ["parallel.strategy=fsdp2", "train.precision=bf16"], 2e-2),
+        ("fsdp2_offload", ["parallel.strategy=fsdp2", "parallel.cpu_offload=true"], 1e-4),
         ("hsdp", ["parallel.strategy=fsdp2", "parallel.replicate_degree=2"], 1e-4),
         ("zero1", ["parallel.strategy=deepspeed", "parallel.zero_stage=1"], 1e-4),
         ("zero2", ["parallel.strategy=deepspeed", "parallel.zero_stage=2"], 1e-4),
         ("zero3", ["parallel.strategy=deepspeed", "parallel.zero_stage=3"], 1e-4),
+        # 2 processes x 2 micro-batches of 4 = the same global batch of 16
+        ("zero2_accum", ["parallel.strategy=deepspeed", "parallel.zero_stage=2", "data.batch_size=4", "train.accum_iter=2"], 1e-4),
         ("zero3_bf16", ["parallel.strategy=deepspeed", "parallel.zero_stage=3", "train.precision=bf16"], 2e-2),
     ],
 )
@@ -91,7 +94,7 @@ def test_two_processes_match_one(tmp_path, single, name, overrides, tolerance):
     # FSDP2 and ZeRO-3 really shard: rank 0 holds about half (FSDP2 keeps the [1, L, D] position
     # embeddings whole, they shard along a first dimension of size 1); DDP, HSDP 2x1 and ZeRO-1/2
     # hold every parameter (ZeRO-1/2 partition optimizer state and gradients).
-    sharded = name in ("fsdp2", "fsdp2_ac", "fsdp2_keep", "fsdp2_bf16", "zero3", "zero3_bf16")
+    sharded = name.startswith("fsdp2") or name.startswith("zero3")
     assert (45 <= float(held.group(2)) < 60) if sharded else float(held.group(2)) == 100.0
     assert losses(out) == pytest.approx(losses(single), rel=tolerance)
     reference = final_weights(single)
@@ -124,6 +127,14 @@ def test_deepspeed_resumes_on_the_same_process_count(tmp_path, single):
     result = run(out, 2, *zero, steps=9)
     assert "resumed from" in result.stdout + result.stderr
     assert losses(out) == pytest.approx(losses(straight), rel=1e-4)
+    # nor on another number of processes: a clear error naming both counts, no traceback
+    other_count = subprocess.run(
+        [sys.executable, "-m", "maescale", "pretrain", *COMMON, *zero, f"output_dir={out}", "data.batch_size=16",
+         "train.max_steps=12"], cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert other_count.returncode == 2, other_count.stderr[-3000:]
+    assert "ZeRO checkpoint of 2 processes and this run has 1" in other_count.stderr
+    assert "Traceback" not in other_count.stderr
     # a ZeRO checkpoint does not resume under another strategy: a clear error, not a crash
     with pytest.raises(ValueError, match="written with DeepSpeed"):
         pretrain(load_config(None, [*COMMON, f"output_dir={out}", "data.batch_size=16", "train.max_steps=12"]))
