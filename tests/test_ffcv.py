@@ -3,7 +3,8 @@ eval, 2 gloo ranks), a pretraining run, and the upstream fix in ffcv_compat.
 
 FFCV errors tend to show up as hangs, so every FFCV call here runs under a deadline
 (subprocess timeouts, or SIGALRM in this process). The first epoch of each loader
-spends ~15-40 s compiling its pipeline on a 2-core machine: the tests share loaders.
+spends seconds compiling its pipeline (~4x longer with more than one thread, which
+compiles parallel loops): the tests share loaders and use one thread.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def train_loader(written):
     from maescale.data.ffcv_loader import FFCVEpochLoader
 
     with deadline(300):
-        yield FFCVEpochLoader(written[0], img_size=IMG_SIZE, batch_size=8, seed=5, num_workers=2, train=True)
+        yield FFCVEpochLoader(written[0], img_size=IMG_SIZE, batch_size=8, seed=5, num_workers=1, train=True)
 
 
 def free_port() -> int:
@@ -241,7 +242,7 @@ def test_eval_batches_are_center_crops_covering_every_image(written):
 
     count = GRADIENTS + PHOTOS + 1
     with deadline(300):
-        loader = FFCVEpochLoader(written[0], img_size=IMG_SIZE, batch_size=8, seed=0, num_workers=2, train=False)
+        loader = FFCVEpochLoader(written[0], img_size=IMG_SIZE, batch_size=8, seed=0, num_workers=1, train=False)
         batches = [list(loader.epoch(e)) for e in (0, 1)]
     assert [len(b.labels) for b in batches[0]] == [8] * (count // 8) + [count % 8]
     assert torch.cat([b.labels for b in batches[0]]).tolist() == stored_labels(written[0]).tolist()
@@ -284,7 +285,7 @@ def test_two_gloo_ranks_split_an_epoch_without_overlap(written, tmp_path):
 def test_pretrain_with_ffcv_loss_falls(written, tmp_path):
     out = tmp_path / "run"
     overrides = [f"output_dir={out}", "model.name=mae_vit_micro_patch4", "data.kind=ffcv", f"data.path={written[0]}",
-                 "data.batch_size=8", "data.num_workers=2", "schedule.epochs=6", "schedule.warmup_epochs=1",
+                 "data.batch_size=8", "data.num_workers=1", "schedule.epochs=6", "schedule.warmup_epochs=1",
                  "optim.blr=1.5e-3", "train.log_every=1", "checkpoint.every_steps=100"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, "-m", "maescale", "pretrain", *overrides], cwd=REPO, env=env,
