@@ -22,15 +22,31 @@ ensure_venv_module() {
   fi
 }
 
+ensure_ffcv_build_deps() {
+  # FFCV compiles at install against libjpeg-turbo and OpenCV 4 (found through pkg-config).
+  if pkg-config --exists opencv4 libturbojpeg 2>/dev/null && command -v cc >/dev/null; then
+    return
+  fi
+  if ! command -v apt-get >/dev/null; then
+    echo "env.sh: install pkg-config, libjpeg-turbo, OpenCV 4 (with opencv4.pc) and a C compiler for FFCV" >&2
+    return 1
+  fi
+  echo "env.sh: installing FFCV's build dependencies with apt-get" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    pkg-config libturbojpeg0-dev libopencv-dev build-essential
+}
+
 setup() {
   if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then
     return
   fi
   ensure_venv_module
+  ensure_ffcv_build_deps
   echo "env.sh: building $VENV (PyTorch is large: a few minutes the first time)" >&2
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e '.[test,deepspeed]'
+  "$VENV/bin/python" -m pip install -q -e '.[test,deepspeed,ffcv]'
   touch "$STAMP"
 }
 

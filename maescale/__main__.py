@@ -7,6 +7,7 @@ itself lives in the modules (train.py, viz.py, bench.py).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import describe_keys, load_config
@@ -69,6 +70,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_write_beton(args: argparse.Namespace) -> int:
+    from .data.ffcv_writer import BetonOptions, write_beton
+
+    try:
+        options = BetonOptions(
+            max_resolution=args.max_resolution,
+            resize_side=args.resize_side,
+            jpeg_quality=args.jpeg_quality,
+            write_mode=args.write_mode,
+            compress_probability=args.compress_probability,
+            num_workers=args.workers,
+        )
+        summary = write_beton(args.src, args.out, options, subset=args.subset, split=args.split)
+    except (ValueError, RuntimeError, ImportError) as error:
+        print(f"maescale write-beton: error: {error}", file=sys.stderr)
+        return 2
+    for path, error in summary.skipped:
+        print(f"skipped unreadable image {path}: {error}", file=sys.stderr)
+    print(f"wrote {summary.out}: {summary.written} images, {len(summary.classes)} classes; skipped {len(summary.skipped)} unreadable")
+    return 0
+
+
+def _add_write_beton_parser(sub) -> None:
+    p = sub.add_parser(
+        "write-beton",
+        help="convert an ImageNet-layout folder to an FFCV .beton file (for data.kind=ffcv)",
+        description="Store <src>/<class>/*.jpg as an FFCV file with 'image' and 'label' fields (labels: sorted "
+        "class folders). Unreadable or truncated images are reported and skipped. The same folder and options "
+        "always give the same file.",
+    )
+    p.add_argument("--src", required=True, help="folder of class folders (or of split folders, with --split)")
+    p.add_argument("--out", required=True, help="file to write, e.g. data/train.beton")
+    p.add_argument("--split", default=None, help="use <src>/<split> (e.g. train or val) when present")
+    p.add_argument("--max-resolution", type=int, default=256, help="shrink images so that --resize-side is at most this many pixels")
+    p.add_argument("--resize-side", choices=["short", "long"], default="short", help="short: ImageNet-style short side (default); long: FFCV's own max-side rule")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images")
+    p.add_argument("--write-mode", choices=["jpg", "raw", "proportion"], default="jpg", help="jpg: JPEG (small, fast decode); raw: pixels (large, no decode); proportion: JPEG for a fraction of images")
+    p.add_argument("--compress-probability", type=float, default=0.5, help="fraction stored as JPEG with --write-mode proportion")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes decoding and resizing images")
+    p.add_argument("--subset", type=int, default=None, help="only this many images, evenly spread over the sorted files (quick tries)")
+    p.set_defaults(func=cmd_write_beton)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maescale", description="Masked Autoencoder pretraining for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -121,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_bench)
+
+    _add_write_beton_parser(sub)
     return parser
 
 

@@ -41,12 +41,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic", "folder"] = opt("synthetic", "Dataset kind: synthetic (embedded) or folder (ImageNet layout).")
-    path: Optional[str] = opt(None, "Dataset root for kind=folder: <root>/<class>/*.jpg or a split folder.")
+    kind: Literal["synthetic", "folder", "ffcv"] = opt("synthetic", "Dataset kind: synthetic (embedded), folder (ImageNet layout) or ffcv (.beton files from `maescale write-beton`).")
+    path: Optional[str] = opt(None, "Dataset root for kind=folder: <root>/<class>/*.jpg or a split folder; for kind=ffcv a .beton file or a folder of <split>.beton.")
     batch_size: int = opt(64, "Images per process per micro-batch.")
-    num_workers: int = opt(2, "DataLoader worker processes per process (0 = load in the main process).")
+    num_workers: int = opt(2, "DataLoader worker processes per process (0 = load in the main process); kind=ffcv: decoding threads (0 counts as 1).")
     synthetic_size: int = opt(20000, "Number of images of the synthetic dataset.")
     crop_min_scale: float = opt(0.2, "Lower area bound of RandomResizedCrop (paper: 0.2).")
+    ffcv_order: Literal["random", "quasi_random"] = opt("random", "kind=ffcv: epoch order; quasi_random shuffles within pages for files larger than RAM (needs ffcv_os_cache=false).")
+    ffcv_os_cache: bool = opt(True, "kind=ffcv: read through the OS page cache (fastest when the file fits in RAM); false reads pages into process memory.")
 
 
 @dataclass

@@ -116,6 +116,26 @@ class _KeyBatches:
             yield [(i, derive_seed(self.seed, self.epoch, i, _AUGMENT_STREAM)) for i in chunk]
 
 
+def shuffled_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of ``epoch``: a permutation of ``range(size)`` seeded by (seed, epoch)."""
+    return torch.randperm(size, generator=seeded_generator(seed, epoch, _ORDER_STREAM))
+
+
+def rank_share(order: torch.Tensor, batches: int, batch_size: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's part of a training ``order``: ``batches`` full batches, tail dropped.
+
+    Global batch g is order[g*B*W : (g+1)*B*W]; rank r takes its r-th slice of B. So
+    W processes of batch B see exactly the samples of one process of batch B*W.
+    """
+    used = batches * batch_size * world_size
+    return order[:used].view(batches, world_size, batch_size)[:, rank].reshape(-1)
+
+
+def sample_mask_seed(seed: int, epoch: int, index: int) -> int:
+    """The mask seed of dataset sample ``index`` in ``epoch`` (what ``Batch.seeds`` holds)."""
+    return derive_seed(derive_seed(seed, epoch, index, _AUGMENT_STREAM), _MASK_STREAM)
+
+
 class EpochLoader:
     """Yields the batches one rank sees in a given epoch.
 
@@ -169,12 +189,8 @@ class EpochLoader:
         """Dataset indices this rank visits in ``epoch``, in order (int64 tensor)."""
         if not self.train:
             return torch.arange(self.rank, len(self.dataset), self.world_size)
-        order = torch.randperm(len(self.dataset), generator=seeded_generator(self.seed, epoch, _ORDER_STREAM))
-        used = self.batches_per_epoch * self.batch_size * self.world_size
-        # Global batch g is order[g*B*W : (g+1)*B*W]; rank r takes its r-th slice of B. So
-        # W processes of batch B see exactly the samples of one process of batch B*W.
-        global_batches = order[:used].view(self.batches_per_epoch, self.world_size, self.batch_size)
-        return global_batches[:, self.rank].reshape(-1)
+        order = shuffled_order(len(self.dataset), self.seed, epoch)
+        return rank_share(order, self.batches_per_epoch, self.batch_size, self.rank, self.world_size)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Iterate over the batches of ``epoch`` from batch ``start_batch`` on.
@@ -276,10 +292,19 @@ def _build_folder(
     )
 
 
-# One entry per data.kind; a new backend (e.g. ffcv) only adds a line here.
+def _build_ffcv(data_cfg: Any, **kwargs: Any) -> EpochLoader:
+    # Imported here: FFCV is an optional extra and takes seconds to import.
+    from .ffcv_loader import build_ffcv_loader
+
+    return build_ffcv_loader(data_cfg, **kwargs)
+
+
+# One entry per data.kind. Builders return an EpochLoader or an object with the same
+# interface (epoch(e, start_batch), batches_per_epoch, batch_size), like FFCVEpochLoader.
 LOADER_BUILDERS: dict[str, LoaderBuilder] = {
     "synthetic": _build_synthetic,
     "folder": _build_folder,
+    "ffcv": _build_ffcv,
 }
 
 
