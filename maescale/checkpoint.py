@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,17 +75,24 @@ def save(
     is_main = _rank() == 0
     final = root / step_name(step)
     partial = root / (PARTIAL_PREFIX + step_name(step))
-    if is_main:
+    try:
+        if is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        _barrier()
+        if is_deepspeed(accelerator):
+            accelerator.save_state(str(partial))
+        else:
+            dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(partial))
+        if is_main:
+            written_by = {"world_size": accelerator.num_processes, "deepspeed": is_deepspeed(accelerator)}
+            (partial / TRAIN_STATE).write_text(json.dumps({**train_state, "written_by": written_by}))
+    except OSError as error:  # disk full, quota, permissions: the earlier checkpoints stay as they are
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    _barrier()
-    if is_deepspeed(accelerator):
-        accelerator.save_state(str(partial))
-    else:
-        dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(partial))
-    if is_main:
-        written_by = {"world_size": accelerator.num_processes, "deepspeed": is_deepspeed(accelerator)}
-        (partial / TRAIN_STATE).write_text(json.dumps({**train_state, "written_by": written_by}))
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {error.strerror or error}; "
+            f"last complete checkpoint: {latest(root) or 'none'}"
+        ) from error
     _barrier()
     if is_main:
         if final.exists():  # the same step saved again (e.g. interrupt right after a periodic save)
@@ -102,16 +110,60 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, acceler
     if is_deepspeed_checkpoint(path) != is_deepspeed(accelerator):
         raise CheckpointError(f"{path} was written {'with' if is_deepspeed_checkpoint(path) else 'without'} DeepSpeed; "
                          f"resume it with the same kind of parallel.strategy, or start a new output_dir")
-    train_state = json.loads((path / TRAIN_STATE).read_text())
-    if is_deepspeed(accelerator):
-        _require_same_process_count(path, train_state, accelerator.num_processes)
-        accelerator.load_state(str(path))
-    else:
-        state = _state_dicts(model, optimizer)
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train_state = _read_train_state(path)
+    with _damaged_checkpoint_error(path):
+        if is_deepspeed(accelerator):
+            _require_same_process_count(path, train_state, accelerator.num_processes)
+            accelerator.load_state(str(path))
+        else:
+            state = _state_dicts(model, optimizer)
+            _require_same_shapes(path, state["model"])
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_state.pop("written_by", None)
     return train_state
+
+
+def _read_train_state(path: Path) -> dict:
+    try:
+        state = json.loads((path / TRAIN_STATE).read_text())
+        int(state["step"])
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path / TRAIN_STATE} is missing or damaged ({error}); {_way_out(path)}") from error
+
+
+def _require_same_shapes(path: Path, model_state: dict) -> None:
+    """Name the first weight whose saved shape differs (a checkpoint of another model size)."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for key, tensor in model_state.items():
+        entry = saved.get(f"model.{key}")
+        if entry is None:
+            raise CheckpointError(f"{path} has no weight {key!r}: it was written by another model")
+        if tuple(entry.size) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(entry.size)} there but {tuple(tensor.shape)} in this model: "
+                f"the checkpoint was written by another model size or resolution"
+            )
+
+
+@contextmanager
+def _damaged_checkpoint_error(path: Path):
+    """Turn a library's failure to read a checkpoint into one clear error with the way out."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as error:  # unpickling, truncated files, size mismatches deep in DeepSpeed
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{path} cannot be loaded ({type(error).__name__}: {first_line}); {_way_out(path)}") from error
+
+
+def _way_out(path: Path) -> str:
+    earlier = [p for _, p in complete_checkpoints(path.parent) if p.name < path.name]
+    if earlier:
+        return f"resume from the previous one with checkpoint.resume={earlier[-1]}, or delete {path}"
+    return f"there is no earlier one: delete {path} or set checkpoint.resume=none to start over"
 
 
 def _require_same_process_count(path: Path, train_state: dict, world_size: int) -> None:
@@ -129,9 +181,12 @@ def load_model_weights(model: nn.Module, path: Path) -> nn.Module:
     """Load only the weights of a checkpoint into a plain, unsharded model (one process)."""
     _require_checkpoint(path)
     if is_deepspeed_checkpoint(path):
-        return _load_zero_weights(model, path)
+        with _damaged_checkpoint_error(path):
+            return _load_zero_weights(model, path)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    with _damaged_checkpoint_error(path):
+        _require_same_shapes(path, state["model"])
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict(state["model"], strict=True)
     return model
 
@@ -144,7 +199,7 @@ def _load_zero_weights(model: nn.Module, path: Path) -> nn.Module:
     # ZeRO-1 checkpoints leave out frozen parameters; the fixed sin-cos tables are rebuilt exactly.
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     if result.unexpected_keys or set(result.missing_keys) - frozen:
-        raise ValueError(f"{path}: weights do not match the model: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        raise CheckpointError(f"{path}: weights do not match the model: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
     return model
 
 

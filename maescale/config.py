@@ -75,6 +75,8 @@ class TrainConfig:
     accum_iter: int = opt(1, "Micro-batches accumulated per optimizer step.")
     precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 runs the forward under bf16 autocast.")
     compile: bool = opt(False, "torch.compile the model.")
+    nonfinite: Literal["stop", "skip"] = opt("stop", "On a NaN/inf loss: 'stop' (checked on logging and checkpoint steps, no extra sync) or 'skip' the update (checks loss and gradients every step: one host sync per step).")
+    max_nonfinite_skips: int = opt(10, "With train.nonfinite=skip: stop once more updates than this were skipped in one run.")
     log_every: int = opt(10, "Optimizer steps between metric lines (the only host syncs of the loop).")
     figure_every: Optional[int] = opt(None, "Optimizer steps between reconstruction figures; the last step always gets one.")
 
@@ -243,6 +245,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.figure_every is None or cfg.train.figure_every > 0, "train.figure_every must be positive or null"),
         (cfg.parallel.replicate_degree > 0, "parallel.replicate_degree must be positive"),
         (cfg.parallel.zero_stage in (1, 2, 3), "parallel.zero_stage must be 1, 2 or 3"),
+        (cfg.train.max_nonfinite_skips >= 0, "train.max_nonfinite_skips must be >= 0"),
+        (cfg.train.nonfinite == "stop" or cfg.parallel.strategy != "deepspeed",
+         "train.nonfinite=skip is not available with parallel.strategy=deepspeed (its engine steps inside backward)"),
         (cfg.parallel.strategy == "fsdp2" or not cfg.parallel.cpu_offload,
          "parallel.cpu_offload needs parallel.strategy=fsdp2"),
         (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),

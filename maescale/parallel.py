@@ -261,6 +261,18 @@ def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_finite(loss: torch.Tensor, model: nn.Module) -> bool:
+    """True when the loss and every local gradient (shard) are finite on every process (one host sync)."""
+    from torch.distributed.tensor import DTensor
+
+    local = [torch.isfinite(loss).all()]
+    for p in model.parameters():
+        if p.grad is not None:
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            local.append(torch.isfinite(grad).all())
+    return not any_process(not bool(torch.stack(local).all()))
+
+
 _control_group = None
 
 

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint, parallel
-from .config import Config, save_resolved
+from .config import Config, ConfigError, save_resolved
 from .data import Batch, EpochLoader, build_loader, first_images
 from .metrics import MetricsLogger, Throughput
 from .models import build_model
@@ -99,6 +99,18 @@ class StopRequest:
         return self.signal_name is not None
 
 
+def require_writable(folder: Path, rank: int) -> Path:
+    """Fail before any work when the run folder cannot be written (read-only, full, not a folder)."""
+    probe = folder / f".write-test-{rank}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"output_dir={str(folder)!r} is not writable: {error.strerror or error}") from error
+    return folder
+
+
 def build_schedule(cfg: Config, loader: EpochLoader, world_size: int) -> Schedule:
     steps_per_epoch = loader.batches_per_epoch // cfg.train.accum_iter
     if steps_per_epoch == 0:
@@ -127,9 +139,11 @@ def micro_batches(loader: EpochLoader, first_step: int, steps_per_epoch: int, ac
 
 
 def train_step(
-    model, optimizer, accelerator: Accelerator, batches: list[Batch], num_patches: int, clip_grad: float | None
-) -> torch.Tensor:
-    """One optimizer step over `batches` (gradient accumulation); returns the mean loss on device.
+    model, optimizer, accelerator: Accelerator, batches: list[Batch], num_patches: int, clip_grad: float | None,
+    skip_nonfinite: bool = False,
+) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over `batches` (gradient accumulation); returns the mean loss on device
+    and whether the weights were updated (False only when `skip_nonfinite` caught a NaN/inf).
 
     The masking noise comes from each sample's seed (`Batch.mask_noise`), not from a global
     RNG: masks then do not depend on the process count, the micro-batch split, a resume, or
@@ -143,10 +157,13 @@ def train_step(
             loss, _, _ = model(images, noise=noise)
             accelerator.backward(loss / len(batches))
         total += loss.detach().float()
+    if skip_nonfinite and not parallel.all_finite(total, model):
+        optimizer.zero_grad(set_to_none=True)
+        return total / len(batches), False
     parallel.clip_gradients(model, clip_grad, accelerator)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / len(batches)
+    return total / len(batches), True
 
 
 class Trainer:
@@ -155,7 +172,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.accelerator = parallel.build_accelerator(cfg)
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = require_writable(Path(cfg.output_dir), self.accelerator.process_index)
         self.ckpt_root = checkpoint.checkpoint_root(self.output_dir)
         acc = self.accelerator
         self.loader = self._build_loader()
@@ -166,6 +183,7 @@ class Trainer:
         # Every process holds the figure images: a sharded model reconstructs them collectively.
         self.figure_batch = first_images(cfg.data, img_size=self.img_size, seed=cfg.seed, count=FIGURE_IMAGES)
         self.skipped: set[str] = set()
+        self.nonfinite_skips = 0  # updates skipped in this process's run (train.nonfinite=skip)
 
     def _build_loader(self) -> EpochLoader:
         cfg, acc = self.cfg, self.accelerator
@@ -271,14 +289,21 @@ class Trainer:
             for batches in stream:
                 lr = s.lr(self.state.step, cfg)
                 set_lr(self.optimizer, lr)
-                window_loss += train_step(self.model, self.optimizer, acc, batches, self.num_patches, cfg.optim.clip_grad)
+                loss, updated = train_step(
+                    self.model, self.optimizer, acc, batches, self.num_patches, cfg.optim.clip_grad,
+                    skip_nonfinite=cfg.train.nonfinite == "skip",
+                )
                 self.state.step += 1
-                window_steps += 1
+                if updated:
+                    window_loss += loss
+                    window_steps += 1
+                else:
+                    self._note_nonfinite_step()
                 throughput.add(sum(len(b.images) for b in batches))
                 self._note_skipped(batches)
                 bar.update(1)
                 done = self.state.step >= s.last_step
-                if done or self.state.step % cfg.train.log_every == 0:
+                if (done or self.state.step % cfg.train.log_every == 0) and window_steps:
                     self._log(window_loss / window_steps, lr, throughput.rate(), bar)
                     window_loss.zero_()
                     window_steps = 0
@@ -303,6 +328,18 @@ class Trainer:
         for batch in batches:
             self.skipped.update(batch.skipped)
 
+    def _note_nonfinite_step(self) -> None:
+        """Count a skipped update (train.nonfinite=skip); too many in one run is a diverged run."""
+        self.nonfinite_skips += 1
+        limit = self.cfg.train.max_nonfinite_skips
+        self.print(f"non-finite loss or gradients at step {self.state.step}: update skipped ({self.nonfinite_skips} of at most {limit})")
+        if self.nonfinite_skips > limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_skips} updates skipped for non-finite loss or gradients (train.max_nonfinite_skips="
+                f"{limit}), the last at step {self.state.step}; nothing non-finite was saved. Last good checkpoint: "
+                f"{checkpoint.latest(self.ckpt_root) or 'none'}. Lower optim.blr or enable optim.clip_grad."
+            )
+
     def _check_finite(self, loss_sum: torch.Tensor) -> None:
         """Stop before a non-finite loss can reach a checkpoint (one host sync, only when called)."""
         if not bool(torch.isfinite(loss_sum)):
@@ -323,6 +360,7 @@ class Trainer:
             "lr": lr,
             "images_per_sec": images_per_sec * acc.num_processes,
             "skipped_images": len(self.skipped),
+            "nonfinite_skips": self.nonfinite_skips,
         }
         self.metrics.log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_sec']:.0f}")
