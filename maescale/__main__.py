@@ -7,6 +7,7 @@ itself lives in the modules (train.py, viz.py, bench.py).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .config import ConfigError, describe_keys, load_config
@@ -32,7 +33,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"finished at step {summary['step']}; checkpoint: {summary['checkpoint']}; figure: {summary['figure']}")
     if summary["stopped_by"]:
         print(f"stopped by {summary['stopped_by']}: run the same command again to resume")
-        return 130 if summary["stopped_by"] == "SIGINT" else 143
+        return 128 + signal.Signals[summary["stopped_by"]].value  # 130 SIGINT, 143 SIGTERM, 138 SIGUSR1
     return 0
 
 
