@@ -9,9 +9,9 @@ tests/test_slurm.py; also runnable by hand:
 
 Settings that make a one-machine cluster behave (measured on Debian 12, Slurm 22.05.8):
 `slurmd -N <hostname -s>` with CPUs/memory no larger than `slurmd -C` reports (else the
-node drains); proctrack/linuxproc and task/none (no cgroups or systemd); cred_expire=10
-(a requeued job otherwise waits 120 s before it may start again); short scheduler
-intervals; MinJobAge so finished jobs stay visible to `scontrol` long enough to be read.
+node drains); proctrack/linuxproc and task/none (no cgroups or systemd); cred_expire=5
+(a requeued job may start again after about 7 s; with the default, 120 s); scheduler passes
+every 2 s; MinJobAge so finished jobs stay visible to `scontrol` long enough to be read.
 Two partitions of different priority tier and PreemptMode=REQUEUE: a job submitted to
 `urgent` preempts (SIGTERM, then requeue) the jobs of `debug` that it needs the CPUs of.
 """
@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,8 +81,7 @@ class SlurmCluster:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.conf = self.root / "slurm.conf"
-        self.munge_dir = self.root / "munge"
-        self.socket = self.munge_dir / "munge.socket"
+        self.munge_link = self.root / "munge"  # -> the munge folder (see _start_munge)
         self.node = socket.gethostname().split(".")[0]
 
     # ------------------------------------------------------------ start / stop
@@ -96,9 +96,19 @@ class SlurmCluster:
         self._wait_until_idle(timeout)
         return self
 
+    @property
+    def munge_dir(self) -> Path:
+        return self.munge_link.resolve()
+
+    @property
+    def socket(self) -> Path:
+        return self.munge_dir / "munge.socket"
+
     def _start_munge(self) -> None:
-        """munged runs as the munge user; its folder must be traversable by everyone (the socket)."""
-        self.munge_dir.mkdir(parents=True, exist_ok=True)
+        """munged runs as the munge user, which needs every folder above its socket to be
+        traversable: it gets a folder of its own under the system temp folder, linked from root."""
+        if not self.munge_link.exists():
+            self.munge_link.symlink_to(tempfile.mkdtemp(prefix="maescale-munge-"))
         key = self.munge_dir / "munge.key"
         if not key.exists():
             key.write_bytes(os.urandom(128))
@@ -115,6 +125,7 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         hw = node_hardware()
+        self.cpus = hw["CPUs"]
         memory = max(hw["RealMemory"] // 2, 1)  # leave room for the rest of the machine
         r = self.root
         self.conf.write_text(f"""\
@@ -125,13 +136,15 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=cred_expire=10,socket={self.socket}
+AuthInfo=cred_expire=5,socket={self.socket}
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd.log
+MpiDefault=none
+MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -139,7 +152,7 @@ AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-SchedulerParameters=sched_interval=5,bf_interval=5
+SchedulerParameters=sched_interval=2,bf_interval=2
 MinJobAge=16
 KillWait=30
 ReturnToService=2
@@ -164,8 +177,12 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
         if self.conf.exists():
             subprocess.run(["scancel", "--full", "--user", "root"], env=self.env(), capture_output=True)
             self._wait_for_no_jobs(timeout=40)
-        for pid_file in (self.root / "slurmd.pid", self.root / "slurmctld.pid", self.munge_dir / "munged.pid"):
-            _terminate(pid_file)
+        # slurmd and slurmctld stop together (each takes seconds), then munged, which they use.
+        _terminate(self.root / "slurmd.pid", self.root / "slurmctld.pid")
+        _terminate(self.munge_dir / "munged.pid")
+        if self.munge_link.is_symlink():
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
+            self.munge_link.unlink()
 
     def _wait_for_no_jobs(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -219,24 +236,30 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
                            "--wrap", "sleep 1")
 
 
-def _terminate(pid_file: Path, timeout: float = 15) -> None:
-    """SIGTERM the daemon named in `pid_file` and wait for it to exit (SIGKILL after `timeout`)."""
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _terminate(*pid_files: Path, timeout: float = 15) -> None:
+    """SIGTERM the daemons named in `pid_files` and wait for them to exit (SIGKILL after `timeout`)."""
+    pids = []
+    for pid_file in pid_files:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+            pid = int(pid_file.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            continue
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def main(argv: list[str]) -> int:
