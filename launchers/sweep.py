@@ -180,7 +180,9 @@ def measure_run(run_dir: Path, warmup_steps: int) -> dict:
     config_file, metrics_file = run_dir / "config.yaml", run_dir / "metrics.jsonl"
     if not metrics_file.exists() or not config_file.exists():
         return {**row, "status": "no metrics (not run, or failed: see the slurm-*.out log)"}
-    derived = yaml.safe_load(config_file.read_text())["derived"]
+    config = yaml.safe_load(config_file.read_text())
+    derived = config["derived"]
+    row["model"] = config["model"]["name"]  # the model that ran (a sweep's overrides may swap it)
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
     steady = [r for r in rows if r["step"] > warmup_steps]
     row.update(gpus=derived["world_size"], steps=rows[-1]["step"] if rows else 0)
@@ -269,13 +271,17 @@ def plot(rows: list[dict], path: Path) -> None:
         gpus = [r["gpus"] for r in series]
         left.plot(gpus, [r["images_per_sec"] for r in series], marker="o", label=label)
         right.plot(gpus, [100 * r["efficiency"] for r in series], marker="o", label=label)
+    ticks = sorted({r["gpus"] for r in measured})
     for ax in (left, right):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("GPUs (processes)")
         ax.grid(True, alpha=0.3)
-    left.set_ylabel("images/s (steady state)")
-    right.set_ylabel("scaling efficiency, % of per-GPU throughput at the fewest GPUs")
-    right.set_ylim(bottom=0)
+    left.set_title("steady-state throughput")
+    left.set_ylabel("images/s")
+    right.set_title("scaling efficiency (per-GPU images/s vs the fewest GPUs)")
+    right.set_ylabel("%")
+    right.set_ylim(0, 110)
     left.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -189,5 +189,5 @@ def test_sweep_submits_one_job_per_point_and_summarizes(cluster, tmp_path):
     for row in rows:
         assert float(row["images_per_sec"]) > 0 and float(row["peak_memory_gib"]) > 0
         assert float(row["step_time_ms"]) == pytest.approx(1000 * 8 * int(row["gpus"]) / float(row["images_per_sec"]))
-    assert "| vitb | ddp | 1 | 2 |" in (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| mae_vit_micro_patch4 | ddp | 1 | 2 |" in (tmp_path / "sweep" / "summary.md").read_text()
     assert (tmp_path / "sweep" / "scaling.png").stat().st_size > 10_000
