@@ -64,7 +64,7 @@ run_pretrain() {
   [ -n "${SLURM_JOB_ID:-}" ] || maescale_fail "run this script with sbatch (SLURM_JOB_ID is not set)"
   cd "$MAESCALE_ROOT" || maescale_fail "cannot enter $MAESCALE_ROOT"
   local procs config head port nodes
-  procs=$(maescale_procs_per_node)
+  procs=$(maescale_procs_per_node) || exit 2  # the message is already on stderr
   config=$(maescale_accelerate_config)
   nodes=${SLURM_NNODES:-1}
   head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

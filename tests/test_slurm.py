@@ -7,6 +7,7 @@ needs both CPUs preempts them.
 """
 
 import csv
+import os
 import re
 import subprocess
 import sys
@@ -103,20 +104,35 @@ def assert_continues(run: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def baseline(cluster, tmp_path_factory):
-    """An uninterrupted job, submitted with `sbatch --wait` and its default log location; the
-    tests below compare interrupted jobs with it. It runs while the first of them does."""
+    """An uninterrupted job, submitted with `sbatch --wait` and the script's log location
+    (logs/slurm/<job name>-<job id>.out); the tests below compare interrupted jobs with it.
+    It runs while the first of them does."""
     run = tmp_path_factory.mktemp("baseline") / "run"
-    command = ["sbatch", "--wait", "--parsable", *FIT_ONE_CPU_NODE, "slurm/pretrain_vitb.sh", f"output_dir={run}", *TRAIN]
+    name = f"maescale-test-{os.getpid()}"  # a log name no real job of this checkout has
+    command = ["sbatch", "--wait", "--parsable", f"--job-name={name}", *FIT_ONE_CPU_NODE, "slurm/pretrain_vitb.sh",
+               f"output_dir={run}", *TRAIN]
     process = subprocess.Popen(command, cwd=REPO, env=cluster.env(job_env()), stdout=subprocess.PIPE, text=True)
     job_id = int(process.stdout.readline().strip().split(";")[0])
 
-    def finished() -> tuple[int, Path, str]:
+    log = REPO / "logs" / "slurm" / f"{name}-{job_id}.out"
+
+    def finished() -> tuple[int, Path, Path]:
         process.wait(timeout=JOB_TIMEOUT)
-        return process.returncode, run, job_id
+        return process.returncode, run, log
 
     yield finished
-    log = REPO / "logs" / "slurm" / f"mae-vitb-{job_id}.out"
+    if process.poll() is None:
+        process.kill()
     log.unlink(missing_ok=True)
+
+
+def test_script_without_gpus_fails_with_a_clear_error(cluster, tmp_path):
+    """The ViT-H script on a node without GPUs, not told to use the CPU: a message, not a hang."""
+    env = {**job_env(), "MAESCALE_DEVICE": "gpu"}
+    job_id = cluster.submit(*FIT_ONE_CPU_NODE, f"--output={tmp_path}/job.log", "slurm/pretrain_vith.sh", env=env, cwd=REPO)
+    info = cluster.wait_finished(job_id, 60)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0"
+    assert "no GPUs allocated: request --gpus-per-node, or run on CPU with MAESCALE_DEVICE=cpu" in (tmp_path / "job.log").read_text()
 
 
 def test_usr1_then_preempted_twice_resumes_with_the_same_steps(cluster, baseline, tmp_path):
@@ -147,9 +163,9 @@ def test_usr1_then_preempted_twice_resumes_with_the_same_steps(cluster, baseline
 
 
 def test_baseline_job_writes_checkpoints_metrics_and_log(baseline):
-    returncode, run, job_id = baseline()
+    returncode, run, log_file = baseline()
     assert returncode == 0
-    log = (REPO / "logs" / "slurm" / f"mae-vitb-{job_id}.out").read_text()
+    log = log_file.read_text(errors="replace")
     assert "1 node(s) x 2 process(es)" in log and "ddp on 2 process(es) (cpu, gloo)" in log
     assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))
     steps = sorted(p.name for p in (run / "checkpoints").iterdir())
