@@ -143,7 +143,7 @@ def test_usr1_then_preempted_twice_resumes_with_the_same_steps(cluster, baseline
     run = tmp_path / "run"
     job_id = submit_pretrain(cluster, run)
     for restart, how in enumerate(("usr1", "preempt", "preempt"), start=1):
-        wait_running_at(cluster, job_id, run, step=resumed_step(run, restart - 1) + 6)
+        wait_running_at(cluster, job_id, run, step=resumed_step(run, restart - 1) + 4)
         if how == "usr1":
             cluster.run("scancel", "--signal=USR1", "--batch", str(job_id))
         else:
