@@ -37,6 +37,16 @@ ensure_ffcv_build_deps() {
     pkg-config libturbojpeg0-dev libopencv-dev build-essential
 }
 
+ensure_slurm() {
+  # tests/test_slurm.py starts a real single-node Slurm cluster from these Debian packages
+  # (it skips, saying why, where they cannot be installed).
+  if command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ]; then return; fi
+  if ! command -v apt-get >/dev/null; then echo "env.sh: no apt-get: the Slurm tests will be skipped" >&2; return; fi
+  echo "env.sh: installing Slurm and munge with apt-get (about 20 s)" >&2
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge \
+    || echo "env.sh: could not install Slurm: the Slurm tests will be skipped" >&2
+}
+
 setup() {
   if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then
     return
@@ -56,6 +66,6 @@ setup
 case "$task" in
   setup) ;;
   pretrain) exec "$VENV/bin/maescale" pretrain --config configs/pretrain/demo.yaml "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  test) ensure_slurm; exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: bash launchers/env.sh {setup|pretrain|test} [args...]" >&2; exit 2 ;;
 esac

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .config import describe_keys, load_config
@@ -34,7 +35,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"finished at step {summary['step']}; checkpoint: {summary['checkpoint']}; figure: {summary['figure']}")
     if summary["stopped_by"]:
         print(f"stopped by {summary['stopped_by']}: run the same command again to resume")
-        return 130 if summary["stopped_by"] == "SIGINT" else 143
+        return 128 + signal.Signals[summary["stopped_by"]].value  # 130 SIGINT, 143 SIGTERM, 138 SIGUSR1
     return 0
 
 

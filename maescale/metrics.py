@@ -112,6 +112,26 @@ def mae_train_flops_per_image(model, mask_ratio: float | None = None) -> int:
     return 3 * forward
 
 
+def accelerator_peak_flops(device, precision: str) -> float | None:
+    """Peak FLOP/s that MFU is measured against: the bf16 peak of a known GPU for bf16 runs, else None."""
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    import torch
+
+    return device_peak_flops(torch.cuda.get_device_name(device))
+
+
+def peak_memory_gib(device) -> float:
+    """Peak memory of this process so far: allocated CUDA memory on a GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 def device_peak_flops(device_name: str) -> float | None:
     """Peak bf16 FLOP/s of a known accelerator, matched by name; None when unknown (e.g. CPU)."""
     for key, peak in PEAK_BF16_FLOPS.items():

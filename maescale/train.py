@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, parallel
 from .config import Config, ConfigError, save_resolved
 from .data import Batch, EpochLoader, build_loader, first_images
-from .metrics import MetricsLogger, Throughput
+from .metrics import MetricsLogger, Throughput, accelerator_peak_flops, mae_train_flops_per_image, peak_memory_gib
 from .models import build_model
 from .parallel import no_gradient_sync
 from .optim import build_optimizer, effective_batch, lr_at, peak_lr, set_lr
@@ -71,10 +71,14 @@ class Schedule:
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked after each step, so the step finishes and a
-    checkpoint is written; a second Ctrl-C interrupts at once."""
+    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag checked after each step, so the step finishes and
+    a checkpoint is written; a second Ctrl-C interrupts at once.
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGTERM is what Slurm sends on preemption, cancel and time limit; SIGUSR1 is the early
+    warning the Slurm scripts ask for (`--signal=B:USR1@...`) and forward to the trainer.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -184,6 +188,7 @@ class Trainer:
         self.figure_batch = first_images(cfg.data, img_size=self.img_size, seed=cfg.seed, count=FIGURE_IMAGES)
         self.skipped: set[str] = set()
         self.nonfinite_skips = 0  # updates skipped in this process's run (train.nonfinite=skip)
+        self.peak_flops = accelerator_peak_flops(acc.device, cfg.train.precision)
 
     def _build_loader(self) -> EpochLoader:
         cfg, acc = self.cfg, self.accelerator
@@ -191,6 +196,7 @@ class Trainer:
         with torch.device("meta"):
             shape = build_model(**asdict(self.cfg.model))
         self.img_size, self.num_patches = shape.img_size, shape.num_patches
+        self.flops_per_image = mae_train_flops_per_image(shape)
         return build_loader(
             cfg.data, img_size=self.img_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes
         )
@@ -252,7 +258,7 @@ class Trainer:
 
     # ------------------------------------------------------------ loop
 
-    def run(self) -> dict:
+    def run(self, stop: StopRequest) -> dict:
         resume_from = self.prepare_run_folder()
         if resume_from is not None:
             self.resume(resume_from)
@@ -266,8 +272,7 @@ class Trainer:
             f"{self.strategy}"
         )
         first_step = self.state.step
-        with StopRequest() as stop:
-            stopped_by = self._loop(stop)
+        stopped_by = self._loop(stop)
         if self.state.step == first_step:
             self.print(f"nothing to do: the run is already at step {first_step} of {s.last_step}")
         trained = self.state.step > first_step
@@ -361,11 +366,19 @@ class Trainer:
             "images_per_sec": images_per_sec * acc.num_processes,
             "skipped_images": len(self.skipped),
             "nonfinite_skips": self.nonfinite_skips,
+            "peak_memory_gib": peak_memory_gib(acc.device),  # of the main process
         }
+        if self.peak_flops:  # model FLOPs utilisation per device, FLOP formula in metrics.py
+            row["mfu"] = images_per_sec * self.flops_per_image / self.peak_flops
         self.metrics.log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_sec']:.0f}")
 
 
 def pretrain(cfg: Config) -> dict:
-    """Run (or resume) MAE pretraining as configured; returns a summary of the run."""
-    return Trainer(cfg).run()
+    """Run (or resume) MAE pretraining as configured; returns a summary of the run.
+
+    Stop signals are caught from the start, so one that arrives while the model is being
+    built or a checkpoint loaded stops the run after its first step instead of killing it.
+    """
+    with StopRequest() as stop:
+        return Trainer(cfg).run(stop)
