@@ -20,10 +20,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from accelerate import Accelerator
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .errors import CheckpointError
 from .parallel import is_deepspeed
+
+# What a failed read or write can raise; torch.distributed.checkpoint's error derives from
+# BaseException, so `except Exception` alone would let it through.
+LIBRARY_ERRORS = (Exception, CheckpointException)
 
 CHECKPOINTS = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -87,11 +92,12 @@ def save(
         if is_main:
             written_by = {"world_size": accelerator.num_processes, "deepspeed": is_deepspeed(accelerator)}
             (partial / TRAIN_STATE).write_text(json.dumps({**train_state, "written_by": written_by}))
-    except OSError as error:  # disk full, quota, permissions: the earlier checkpoints stay as they are
+    except LIBRARY_ERRORS as error:  # disk full, quota, permissions: the earlier checkpoints stay as they are
         shutil.rmtree(partial, ignore_errors=True)
+        free_mib = shutil.disk_usage(root).free / 2**20
         raise CheckpointError(
-            f"could not write checkpoint {final}: {error.strerror or error}; "
-            f"last complete checkpoint: {latest(root) or 'none'}"
+            f"could not write checkpoint {final} ({free_mib:.1f} MiB free on its file system): "
+            f"{_error_summary(error)}; last complete checkpoint: {latest(root) or 'none'}"
         ) from error
     _barrier()
     if is_main:
@@ -154,9 +160,15 @@ def _damaged_checkpoint_error(path: Path):
         yield
     except CheckpointError:
         raise
-    except Exception as error:  # unpickling, truncated files, size mismatches deep in DeepSpeed
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"{path} cannot be loaded ({type(error).__name__}: {first_line}); {_way_out(path)}") from error
+    except LIBRARY_ERRORS as error:  # unpickling, truncated files, size mismatches deep in DeepSpeed
+        raise CheckpointError(f"{path} cannot be loaded ({_error_summary(error)}); {_way_out(path)}") from error
+
+
+def _error_summary(error: Exception) -> str:
+    """The innermost message of a library error (torch.distributed.checkpoint wraps each rank's
+    exception with its traceback into one text: its last line is the cause)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _way_out(path: Path) -> str:

@@ -12,4 +12,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed by this run, with the reason and the way out."""
 
 
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError)
+class StrategyError(RuntimeError):
+    """The requested parallel strategy cannot run, or is not what is actually running."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, StrategyError, FileNotFoundError)

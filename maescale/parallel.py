@@ -22,13 +22,10 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch import nn
 
 from .config import Config
+from .errors import StrategyError
 
 # A rank that dies leaves the others blocked in a collective; they give up after this.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-
-
-class StrategyError(RuntimeError):
-    """The requested parallel strategy is not what is actually running."""
 
 
 def build_accelerator(cfg: Config) -> Accelerator:

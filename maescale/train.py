@@ -103,6 +103,14 @@ class StopRequest:
         return self.signal_name is not None
 
 
+def model_from_config(cfg: Config):
+    """The MAE the config describes; an impossible shape is the config's error, named as such."""
+    try:
+        return build_model(**asdict(cfg.model))
+    except ValueError as error:
+        raise ConfigError(f"model section: {error}") from error
+
+
 def require_writable(folder: Path, rank: int) -> Path:
     """Fail before any work when the run folder cannot be written (read-only, full, not a folder)."""
     probe = folder / f".write-test-{rank}"
@@ -194,7 +202,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         # The model's resolution decides the crop size; read it without allocating weights.
         with torch.device("meta"):
-            shape = build_model(**asdict(self.cfg.model))
+            shape = model_from_config(self.cfg)
         self.img_size, self.num_patches = shape.img_size, shape.num_patches
         self.flops_per_image = mae_train_flops_per_image(shape)
         return build_loader(
@@ -204,7 +212,7 @@ class Trainer:
     def _build_model_and_optimizer(self):
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.seed)  # identical initial weights on every process
-        model = parallel.parallelize(build_model(**asdict(self.cfg.model)), cfg, acc)
+        model = parallel.parallelize(model_from_config(self.cfg), cfg, acc)
         optimizer = build_optimizer(model, cfg, self.schedule.peak_lr)
         model, optimizer = parallel.prepare(model, optimizer, cfg, acc)
         self.strategy = parallel.check_active(model, cfg, acc)

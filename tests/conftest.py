@@ -1,7 +1,9 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 # Tests share 2 cores with data workers: keep intra-op threads low and results repeatable.
 torch.set_num_threads(2)
@@ -24,3 +26,38 @@ TINY_RUN = [
 def tiny_overrides(tmp_path):
     """Overrides for a seconds-long CPU run writing into a fresh folder."""
     return [f"output_dir={tmp_path / 'run'}", *TINY_RUN]
+
+
+def _save_jpeg(path: Path, size, seed: int, mode="RGB"):
+    generator = torch.Generator().manual_seed(seed)
+    channels = {"RGB": 3, "L": 1, "CMYK": 4}[mode]
+    pixels = torch.randint(0, 256, (size[1], size[0], channels), dtype=torch.uint8, generator=generator)
+    array = pixels.squeeze(-1).numpy() if channels == 1 else pixels.numpy()
+    Image.fromarray(array, mode=mode).save(path, format="JPEG", quality=90)
+
+
+def write_mixed_image_folder(root: Path) -> Path:
+    """root/{cat,dog,emu}/ with good images of many kinds (greyscale, CMYK, 16-bit PNG, palette,
+    1x1 pixel) and three unreadable files (truncated JPEG, text file, zero bytes): BAD_FILES."""
+    for name in ("cat", "dog", "emu"):
+        (root / name).mkdir(parents=True)
+    _save_jpeg(root / "cat" / "a_rgb.jpg", (40, 30), 1)
+    _save_jpeg(root / "cat" / "b_grey.jpg", (33, 47), 2, mode="L")
+    _save_jpeg(root / "cat" / "c_big.jpg", (96, 64), 3)
+    truncated = (root / "cat" / "c_big.jpg").read_bytes()
+    (root / "cat" / "b_truncated.jpg").write_bytes(truncated[: len(truncated) // 2])
+    _save_jpeg(root / "cat" / "d_cmyk.JPG", (50, 50), 4, mode="CMYK")
+    (root / "dog" / "a_empty.jpg").write_bytes(b"")
+    # Last in its class, so its substitute (after another bad file) is a dog.
+    (root / "cat" / "e_text.jpg").write_text("this is not an image\n")
+    deep = Image.fromarray((torch.full((20, 30), 40000, dtype=torch.int32)).numpy().astype("uint16"))
+    deep.save(root / "dog" / "c_deep.png")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "dog" / "d_tiny.png")
+    Image.new("P", (17, 9), 3).save(root / "dog" / "e_palette.bmp")
+    (root / "dog" / "notes.txt").write_text("ignored: not an image extension")
+    _save_jpeg(root / "emu" / "a.jpeg", (64, 48), 5)
+    _save_jpeg(root / "emu" / "b.webp.jpg", (25, 70), 6)
+    return root
+
+
+BAD_FILES = ("cat/b_truncated.jpg", "cat/e_text.jpg", "dog/a_empty.jpg")

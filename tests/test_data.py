@@ -26,6 +26,8 @@ from maescale.data import (
 from maescale.data.synthetic import NUM_CLASSES
 from maescale.data.transforms import sample_crop_box
 
+from conftest import BAD_FILES, write_mixed_image_folder
+
 
 def data_cfg(**overrides):
     """A data config as the trainer's dataclass would provide it."""
@@ -194,40 +196,11 @@ def test_eval_transform_crops_away_the_border():
 # --------------------------------------------------------------------------- folder reader
 
 
-def _save_jpeg(path: Path, size, seed: int, mode="RGB"):
-    generator = torch.Generator().manual_seed(seed)
-    channels = {"RGB": 3, "L": 1, "CMYK": 4}[mode]
-    pixels = torch.randint(0, 256, (size[1], size[0], channels), dtype=torch.uint8, generator=generator)
-    array = pixels.squeeze(-1).numpy() if channels == 1 else pixels.numpy()
-    Image.fromarray(array, mode=mode).save(path, format="JPEG", quality=90)
-
-
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
-    """root/{cat,dog,emu}/ with good images of many kinds and three unreadable files."""
-    root = tmp_path_factory.mktemp("imagenet")
-    for name in ("cat", "dog", "emu"):
-        (root / name).mkdir()
-    _save_jpeg(root / "cat" / "a_rgb.jpg", (40, 30), 1)
-    _save_jpeg(root / "cat" / "b_grey.jpg", (33, 47), 2, mode="L")
-    _save_jpeg(root / "cat" / "c_big.jpg", (96, 64), 3)
-    truncated = (root / "cat" / "c_big.jpg").read_bytes()
-    (root / "cat" / "b_truncated.jpg").write_bytes(truncated[: len(truncated) // 2])
-    _save_jpeg(root / "cat" / "d_cmyk.JPG", (50, 50), 4, mode="CMYK")
-    (root / "dog" / "a_empty.jpg").write_bytes(b"")
-    # Last in its class, so its substitute (after another bad file) is a dog.
-    (root / "cat" / "e_text.jpg").write_text("this is not an image\n")
-    deep = Image.fromarray((torch.full((20, 30), 40000, dtype=torch.int32)).numpy().astype("uint16"))
-    deep.save(root / "dog" / "c_deep.png")
-    Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "dog" / "d_tiny.png")
-    Image.new("P", (17, 9), 3).save(root / "dog" / "e_palette.bmp")
-    (root / "dog" / "notes.txt").write_text("ignored: not an image extension")
-    _save_jpeg(root / "emu" / "a.jpeg", (64, 48), 5)
-    _save_jpeg(root / "emu" / "b.webp.jpg", (25, 70), 6)
-    return root
+    return write_mixed_image_folder(tmp_path_factory.mktemp("imagenet"))
 
 
-BAD_FILES = ("cat/b_truncated.jpg", "cat/e_text.jpg", "dog/a_empty.jpg")
 
 
 def test_folder_lists_classes_and_sorted_images(image_root):
