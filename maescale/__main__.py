@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ckpt", required=True, help="checkpoint folder (output_dir/checkpoints/step_XXXXXXXX)")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--images", help="folder of images (default: the config's dataset)")
+    p.add_argument("--images", help="folder of images, flat or with class subfolders; the first --num-images by path "
+                   "(default: the config's dataset)")
     p.add_argument("--num-images", type=int, default=8, help="rows in the figure")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask")
     _add_config_arguments(p)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .config import ConfigError
 from .models import MaskedAutoencoderViT, build_model, is_encoder_key
 
 TIMM_FORMAT = "timm"
@@ -29,8 +30,9 @@ METADATA_TIMM_KWARGS = "timm_kwargs"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class WeightsMismatchError(ValueError):
-    """A weights file does not fit the model it is loaded into (names the keys)."""
+class WeightsMismatchError(ConfigError):
+    """A weights file does not fit the model it is loaded into (names the keys); a user error
+    like a bad config value, so the CLI reports it without a traceback."""
 
 
 # ---------------------------------------------------------------- timm

@@ -7,16 +7,22 @@ from pathlib import Path
 import torch
 
 from .data import first_images
-from .data.folder import ImageFolderDataset
+from .data.folder import IMAGE_EXTENSIONS, load_rgb
 from .data.transforms import EvalTransform
 from .export import load_run_model
 from .viz import save_reconstruction_figure
 
 
 def folder_images(folder: str, img_size: int, count: int) -> torch.Tensor:
-    dataset = ImageFolderDataset(folder)
+    """The first `count` images (sorted by path) of a folder: flat, or with class subfolders."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {folder}: no such folder")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not paths:
+        raise FileNotFoundError(f"--images {folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it")
     transform = EvalTransform(img_size)
-    return torch.stack([transform(dataset[i].image) for i in range(min(count, len(dataset)))])
+    return torch.stack([transform(load_rgb(str(path))) for path in paths[:count]])
 
 
 def visualize(cfg_path: str | None, overrides, *, ckpt: str, out: str, images: str | None, num_images: int, seed: int) -> Path:
