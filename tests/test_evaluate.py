@@ -1,6 +1,8 @@
 """Evaluation protocols: LARS, the BN head, kNN, layer decay, fine-tuning, and pretrain -> linprobe -> knn
 through the CLI (one and two processes), plus a CIFAR-10 pipeline check when ../shared/data is there."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from maescale.__main__ import main
 from maescale.config import ConfigError, load_config
 from maescale.evaluate.config import EvalConfig
 from maescale.evaluate.features import gather_in_order, pooled, topk_accuracy
@@ -28,16 +31,21 @@ CIFAR_TAR = SHARED_DATA / "cifar10-jpeg.tar.gz"
 EVAL_DATA = ["data.kind=synthetic", "data.synthetic_size=256", "data.batch_size=64", "data.num_workers=0"]
 
 
-def cli(*args: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "maescale"]
-    if nproc > 1:
-        from test_distributed import free_port
+def cli(*args: str, nproc: int = 1) -> str:
+    """`maescale ...` in this process, or on `nproc` processes with torchrun; returns what it printed."""
+    if nproc == 1:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+        assert code == 0, err.getvalue()[-3000:]
+        return out.getvalue() + err.getvalue()
+    from test_distributed import free_port
 
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m", "maescale"]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m", "maescale"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------- protocol pieces
@@ -188,9 +196,9 @@ def test_pretrain_then_linprobe_then_knn_through_the_cli(pretrained, tmp_path):
     out = tmp_path / "eval"
     common = [f"output_dir={out}", f"encoder.ckpt={pretrained}", *EVAL_DATA]
     lp = cli("linprobe", *common, "linprobe.batch_size=64", "linprobe.epochs=6", "linprobe.warmup_epochs=1", "linprobe.blr=5")
-    assert "linprobe val: top-1" in lp.stdout + lp.stderr
+    assert "linprobe val: top-1" in lp
     kn = cli("knn", *common, "knn.k=10")
-    assert "features of train read from" in kn.stdout + kn.stderr  # linprobe's features reused
+    assert "features of train read from" in kn  # linprobe's features reused
     rows = read_metrics(out)
     probe = [r for r in rows if r["protocol"] == "linprobe"]
     assert [r["epoch"] for r in probe] == list(range(1, 7)) and probe[-1]["step"] == 6 * 4
