@@ -110,8 +110,9 @@ def linprobe(cfg: EvalConfig) -> dict:
     for epoch in tqdm(range(lp.epochs), desc="linprobe", unit="epoch", disable=not run.is_main, dynamic_ncols=True):
         losses = []
         for features, labels in train.epoch(epoch):
-            set_lr(optimizer, lr_at(step, peak=lr, min_lr=lp.min_lr, steps_per_epoch=train.steps_per_epoch,
-                                    warmup_epochs=lp.warmup_epochs, epochs=lp.epochs))
+            step_lr = lr_at(step, peak=lr, min_lr=lp.min_lr, steps_per_epoch=train.steps_per_epoch,
+                            warmup_epochs=lp.warmup_epochs, epochs=lp.epochs)
+            set_lr(optimizer, step_lr)
             loss = F.cross_entropy(head(features), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -119,7 +120,7 @@ def linprobe(cfg: EvalConfig) -> dict:
             losses.append(loss.detach())
             step += 1
         result = evaluate_head(head, val_features, val_labels)
-        run.log({"step": step, "epoch": epoch + 1, "loss": torch.stack(losses).mean().item(), **result})
+        run.log({"step": step, "epoch": epoch + 1, "loss": torch.stack(losses).mean().item(), "lr": step_lr, **result})
     run.print(f"linprobe {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({len(val_labels)} images)")
     run.close()
     return {**result, "val_images": len(val_labels), "steps": step, "head": head}
