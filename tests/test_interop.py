@@ -19,7 +19,6 @@ from maescale.data import SyntheticShapes
 from maescale.interop import (
     WeightsMismatchError,
     build_timm_vit,
-    export_release,
     export_timm,
     load_mae_state,
     load_weights_file,
