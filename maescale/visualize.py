@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
-from .data import first_images
+from .data import UnreadableImageWarning, first_images
 from .data.folder import IMAGE_EXTENSIONS, load_rgb
 from .data.transforms import EvalTransform
 from .export import load_run_model
@@ -22,7 +23,17 @@ def folder_images(folder: str, img_size: int, count: int) -> torch.Tensor:
     if not paths:
         raise FileNotFoundError(f"--images {folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it")
     transform = EvalTransform(img_size)
-    return torch.stack([transform(load_rgb(str(path))) for path in paths[:count]])
+    images = []
+    for path in paths:
+        if len(images) == count:
+            break
+        try:
+            images.append(transform(load_rgb(str(path))))
+        except Exception as error:  # noqa: BLE001 - decoders raise many types on corrupt input
+            warnings.warn(f"skipping unreadable image {path}: {error}", UnreadableImageWarning, stacklevel=2)
+    if not images:
+        raise FileNotFoundError(f"--images {folder}: none of the images could be read")
+    return torch.stack(images)
 
 
 def visualize(cfg_path: str | None, overrides, *, ckpt: str, out: str, images: str | None, num_images: int, seed: int) -> Path:
