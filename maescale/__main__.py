@@ -15,15 +15,15 @@ from .config import describe_keys, load_config
 from .errors import USER_ERRORS
 
 
-def _keys_epilog() -> str:
+def _keys_epilog(schema=None) -> str:
     lines = ["config keys (set in the YAML file or as key=value overrides):"]
-    for key, default, help_text in describe_keys():
+    for key, default, help_text in describe_keys(schema() if schema else None):
         lines.append(f"  {key} = {default!r}\n      {help_text}")
     return "\n".join(lines)
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (see configs/pretrain/)")
+def _add_config_arguments(parser: argparse.ArgumentParser, examples: str = "configs/pretrain/") -> None:
+    parser.add_argument("--config", help=f"YAML config file (see {examples})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. optim.blr=1e-4 train.max_steps=50")
 
 
@@ -48,10 +48,30 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_consolidated
+    from .export import export
 
-    path = export_consolidated(args.ckpt, args.out, config=args.config)
+    path = export(args.ckpt, args.out, fmt=args.format, config=args.config)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .interop import import_official
+
+    path = import_official(args.weights, args.model, args.out, config=args.config)
+    print(f"wrote {path}\n  continue pretraining: maescale pretrain output_dir={args.out} [key=value ...]"
+          f"\n  evaluate:             maescale linprobe encoder.ckpt={path} [key=value ...]")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate.config import EvalConfig
+    from .evaluate.finetune import finetune
+    from .evaluate.knn import knn
+    from .evaluate.linprobe import linprobe
+
+    protocols = {"linprobe": linprobe, "knn": knn, "finetune": finetune}
+    protocols[args.command](load_config(args.config, args.overrides, schema=EvalConfig))
     return 0
 
 
@@ -135,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ckpt", required=True, help="checkpoint folder (output_dir/checkpoints/step_XXXXXXXX)")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--images", help="folder of images (default: the config's dataset)")
+    p.add_argument("--images", help="folder of images, flat or with class subfolders; the first --num-images by path "
+                   "(default: the config's dataset)")
     p.add_argument("--num-images", type=int, default=8, help="rows in the figure")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask")
     _add_config_arguments(p)
@@ -144,14 +165,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="write a checkpoint as one ordinary file",
-        description="Gather a (possibly sharded) checkpoint into one safetensors file of the full MAE "
-        "(official key names), loadable with load_state_dict(strict=True) into build_model(name).",
+        description="Gather a (possibly sharded) checkpoint into one file with the official MAE key names: "
+        "the full MAE (loadable with load_state_dict(strict=True) into build_model(name)) or the encoder for timm.",
     )
     p.add_argument("--ckpt", required=True, help="checkpoint folder (output_dir/checkpoints/step_XXXXXXXX)")
-    p.add_argument("--format", choices=["consolidated"], default="consolidated", help="output format")
-    p.add_argument("--out", required=True, help="file to write (.safetensors)")
+    p.add_argument("--format", choices=["consolidated", "timm", "release"], default="consolidated",
+                   help="consolidated: full MAE, safetensors; timm: the encoder, safetensors that timm's VisionTransformer("
+                   "num_classes=0) loads strictly; release: full MAE as {'model': state_dict} (.pth), the official layout")
+    p.add_argument("--out", required=True, help="file to write (.safetensors, or .pth for release)")
     p.add_argument("--config", help="config of the run (default: the run's config.yaml)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        help="turn an official MAE weights file into a maescale run",
+        description="Read {'model': state_dict} (encoder only or encoder + decoder, official key names) and write "
+        "OUT/config.yaml and OUT/checkpoints/step_00000000: pretrain resumes from it, the evaluation commands read it.",
+    )
+    p.add_argument("--weights", required=True, help="official .pth file (or a .safetensors of the same keys)")
+    p.add_argument("--model", required=True, help="named MAE configuration of the weights, e.g. mae_vit_base_patch16")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--config", help="pretraining config the run continues with (default: the built-in defaults)")
+    p.set_defaults(func=cmd_import)
+
+    from .evaluate.config import EvalConfig
+
+    for name, summary in [
+        ("linprobe", "linear probe of the frozen encoder (BatchNorm + linear head, LARS): top-1 / top-5"),
+        ("knn", "weighted kNN classification on the encoder's normalised features: top-1 / top-5"),
+        ("finetune", "fine-tune the encoder end to end (layer decay, drop path, mixup/cutmix, label smoothing)"),
+    ]:
+        p = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. Defaults <- --config YAML <- key=value overrides; "
+                           "results go to output_dir/metrics.jsonl and are printed.",
+                           epilog=_keys_epilog(EvalConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_config_arguments(p, "configs/eval/")
+        p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
         "bench",

@@ -117,9 +117,13 @@ DERIVED = "derived"
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a validated Config from defaults, an optional YAML file and `key=value` overrides."""
-    cfg = Config()
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = None) -> Any:
+    """Build a validated config from defaults, an optional YAML file and `key=value` overrides.
+
+    `schema` is the root dataclass (default: the pretraining Config); other roots, such as the
+    evaluation config, bring their own `validate()` method.
+    """
+    cfg = (schema or Config)()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -132,7 +136,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = _split_override(item)
         set_key(cfg, key, yaml.safe_load(value) if value != "" else "")
-    validate(cfg)
+    validate(cfg) if isinstance(cfg, Config) else cfg.validate()
     return cfg
 
 

@@ -33,3 +33,17 @@ def export_consolidated(ckpt: str | Path, out: str | Path, config: str | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
     return out
+
+
+def export(ckpt: str | Path, out: str | Path, fmt: str = "consolidated", config: str | None = None) -> Path:
+    """Write a checkpoint in `fmt`: consolidated (full MAE), timm (encoder) or release ({'model': sd})."""
+    from .interop import export_release, export_timm
+
+    if fmt == "consolidated":
+        return export_consolidated(ckpt, out, config=config)
+    cfg, model = load_run_model(Path(ckpt), config)
+    if fmt == "timm":
+        return export_timm(model, out, cfg.model.name)
+    if fmt == "release":
+        return export_release(model, out)
+    raise ValueError(f"unknown export format {fmt!r}; choose consolidated, timm or release")

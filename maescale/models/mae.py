@@ -51,6 +51,11 @@ MODEL_SPECS: dict[str, dict[str, Any]] = {
         img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
         decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4,
     ),
+    # CIFAR-10 on a few CPU cores (configs/pretrain/cifar10_tiny.yaml): 6 blocks of width 128.
+    "mae_vit_mini_patch4": dict(
+        img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
+        decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+    ),
     # Paper sizes.
     "mae_vit_base_patch16": dict(
         img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,

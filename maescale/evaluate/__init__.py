@@ -1,0 +1,1 @@
+"""Evaluation protocols of a pretrained encoder: linear probe, kNN and fine-tuning."""

@@ -1,0 +1,113 @@
+"""Typed configuration of the evaluation protocols (linprobe, knn, finetune).
+
+One tree for the three commands: each reads `encoder`, `data` and the splits, plus its own
+section. Loaded like the pretraining config (defaults <- YAML <- key=value overrides), so an
+unknown key or a wrong type fails with the key's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ..config import ConfigError, DataConfig, opt
+
+
+@dataclass
+class EncoderConfig:
+    ckpt: Optional[str] = opt(
+        None,
+        "Weights to evaluate: a maescale checkpoint folder (output_dir/checkpoints/step_XXXXXXXX, any strategy), "
+        "a .safetensors file (export --format consolidated or timm) or an official MAE .pth ({'model': state_dict}); "
+        "null = random initialisation, the baseline.",
+    )
+    model: Optional[str] = opt(
+        None, "Named MAE configuration; null takes it from the checkpoint's run config.yaml (needed for files and random init)."
+    )
+    pool: Literal["cls", "mean"] = opt("cls", "Feature of an image: the cls token (the paper's linear probe) or the mean of the patch tokens.")
+
+
+@dataclass
+class LinprobeConfig:
+    batch_size: int = opt(16384, "Global batch of the head (paper: 16384); lr = blr * batch_size / 256.")
+    blr: float = opt(0.1, "Base learning rate of LARS (paper: 0.1).")
+    lr: Optional[float] = opt(None, "Absolute learning rate; overrides blr when set.")
+    min_lr: float = opt(0.0, "Floor of the cosine schedule.")
+    weight_decay: float = opt(0.0, "LARS weight decay (paper: 0).")
+    momentum: float = opt(0.9, "LARS momentum.")
+    epochs: int = opt(90, "Training epochs of the head (paper: 90).")
+    warmup_epochs: float = opt(10, "Linear warmup in epochs (paper: 10).")
+    augment: bool = opt(
+        False,
+        "RandomResizedCrop + flip on the training images, as the paper does: runs the frozen encoder at every step. "
+        "false extracts the center-crop features once and trains the head on them (same head, lr rule and schedule; "
+        "far cheaper on CPU).",
+    )
+
+
+@dataclass
+class KnnConfig:
+    k: int = opt(20, "Neighbours that vote (Wu et al. 2018; DINO, Caron et al. 2021: 20).")
+    temperature: float = opt(0.07, "Vote weight exp(cosine / temperature) (same references: 0.07).")
+
+
+@dataclass
+class FinetuneConfig:
+    img_size: Optional[int] = opt(None, "Fine-tuning resolution; the position embeddings are interpolated. None keeps the encoder's.")
+    blr: float = opt(5e-4, "Base learning rate of AdamW (paper: 5e-4 for ViT-B, 1e-3 for L/H); lr = blr * global batch / 256.")
+    lr: Optional[float] = opt(None, "Absolute learning rate; overrides blr when set.")
+    min_lr: float = opt(1e-6, "Floor of the cosine schedule.")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, tokens and position embeddings).")
+    layer_decay: float = opt(0.75, "Layer-wise lr decay: block i of L gets decay^(L + 1 - (i + 1)) (paper: 0.65 for ViT-B, 0.75 for L/H).")
+    drop_path: float = opt(0.1, "Stochastic depth rate of the last block (paper: 0.1 for ViT-B, 0.2 for L/H).")
+    mixup: float = opt(0.8, "Mixup alpha; 0 turns mixup off (paper: 0.8).")
+    cutmix: float = opt(1.0, "CutMix alpha; 0 turns cutmix off (paper: 1.0).")
+    label_smoothing: float = opt(0.1, "Label smoothing (paper: 0.1).")
+    epochs: int = opt(100, "Training epochs (paper: 100 for ViT-B, 50 for L/H).")
+    warmup_epochs: float = opt(5, "Linear warmup in epochs (paper: 5).")
+    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (the schedule still spans `epochs`).")
+    clip_grad: Optional[float] = opt(None, "Clip the global gradient norm to this value; None = no clipping.")
+    log_every: int = opt(10, "Optimizer steps between metric lines.")
+
+
+@dataclass
+class EvalConfig:
+    output_dir: str = opt("runs/eval", "Folder for config.yaml, metrics.jsonl and the outputs of the protocol.")
+    seed: int = opt(0, "Seed of the data order, augmentation, head initialisation and of a random-init encoder.")
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    # Linear probing and fine-tuning crop with the usual RandomResizedCrop scale (0.08, 1).
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_min_scale=0.08))
+    train_split: str = opt("train", "Split of data.path (or synthetic split) the head / kNN bank is trained on.")
+    val_split: str = opt("val", "Split evaluated with a center crop, e.g. 'test' for CIFAR-10.")
+    linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def validate(self) -> None:
+        """Reject impossible values with the key's name, before any work starts."""
+        lp, ft = self.linprobe, self.finetune
+        checks = [
+            (self.data.batch_size > 0, "data.batch_size must be positive"),
+            (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
+            (0.0 < self.data.crop_min_scale <= 1.0, "data.crop_min_scale must be in (0, 1]"),
+            (self.data.kind != "folder" or self.data.path, "data.path is required when data.kind=folder"),
+            (self.encoder.ckpt is not None or self.encoder.model, "encoder.model is required when encoder.ckpt is null (random init)"),
+            (lp.batch_size > 0, "linprobe.batch_size must be positive"),
+            (lp.blr > 0 and (lp.lr is None or lp.lr > 0), "linprobe.blr and linprobe.lr must be positive"),
+            (lp.epochs > 0 and 0 <= lp.warmup_epochs <= lp.epochs, "linprobe.warmup_epochs must be in [0, linprobe.epochs]"),
+            (self.knn.k > 0, "knn.k must be positive"),
+            (self.knn.temperature > 0, "knn.temperature must be positive"),
+            (ft.blr > 0 and (ft.lr is None or ft.lr > 0), "finetune.blr and finetune.lr must be positive"),
+            (0 < ft.layer_decay <= 1, "finetune.layer_decay must be in (0, 1]"),
+            (0 <= ft.drop_path < 1, "finetune.drop_path must be in [0, 1)"),
+            (ft.mixup >= 0 and ft.cutmix >= 0, "finetune.mixup and finetune.cutmix must be >= 0"),
+            (0 <= ft.label_smoothing < 1, "finetune.label_smoothing must be in [0, 1)"),
+            (ft.epochs > 0 and 0 <= ft.warmup_epochs <= ft.epochs, "finetune.warmup_epochs must be in [0, finetune.epochs]"),
+            (ft.max_steps is None or ft.max_steps > 0, "finetune.max_steps must be positive or null"),
+            (ft.log_every > 0, "finetune.log_every must be positive"),
+            # timm's Mixup pairs each image with its mirror in the batch.
+            (ft.mixup == ft.cutmix == 0 or self.data.batch_size % 2 == 0, "data.batch_size must be even with finetune.mixup or finetune.cutmix"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)

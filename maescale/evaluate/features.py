@@ -1,0 +1,162 @@
+"""The frozen encoder of the evaluation protocols and feature extraction across processes.
+
+Extraction is data parallel: each process encodes its share of the split (the eval loader
+gives it every world_size-th image), then the features are gathered back into dataset order
+on every process. Everything downstream (head, kNN) then sees the same tensors whatever the
+number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_model_weights
+from ..config import ConfigError, load_config
+from ..data import EpochLoader, build_loader
+from ..export import run_config_of
+from ..interop import load_weights_file
+from ..models import MaskedAutoencoderViT, build_model
+from .config import EncoderConfig, EvalConfig
+
+
+def load_encoder(cfg: EncoderConfig, seed: int) -> MaskedAutoencoderViT:
+    """The MAE whose encoder is evaluated, in eval mode, from `encoder.ckpt` or at random init."""
+    if cfg.ckpt is None:
+        set_seed(seed)  # the random baseline is the model's own initialisation, reproducibly
+        return build_model(cfg.model).eval()
+    path = Path(cfg.ckpt)
+    if path.is_file():
+        return load_weights_file(path, cfg.model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"encoder.ckpt={cfg.ckpt!r}: no such checkpoint folder or weights file")
+    return load_model_weights(_model_of_run(path, cfg.model), path).eval()
+
+
+def _model_of_run(ckpt: Path, name: str | None) -> MaskedAutoencoderViT:
+    """The model a checkpoint was written from: its run's config.yaml, or `encoder.model`."""
+    run_config = run_config_of(ckpt)
+    if run_config is None:
+        if name is None:
+            raise ConfigError(f"{ckpt} has no run config.yaml next to it: set encoder.model")
+        return build_model(name)
+    model_cfg = load_config(run_config).model
+    if name is not None and name != model_cfg.name:
+        raise ConfigError(f"encoder.model={name!r} but {ckpt} was trained as {model_cfg.name!r}")
+    return build_model(**asdict(model_cfg))
+
+
+def pooled(tokens: Tensor, pool: str) -> Tensor:
+    """[N, 1 + L, D] encoder output -> [N, D]: the cls token or the mean of the patch tokens."""
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+
+
+@torch.no_grad()
+def encode(model: MaskedAutoencoderViT, images: Tensor, pool: str) -> Tensor:
+    return pooled(model.forward_features(images), pool).float()
+
+
+def eval_loader(cfg: EvalConfig, img_size: int, split: str, accelerator: Accelerator) -> EpochLoader:
+    """Center-crop loader over `split`, this process's share, dataset order."""
+    return build_loader(
+        cfg.data, img_size=img_size, seed=cfg.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, train=False, split=split,
+    )
+
+
+def extract_features(
+    model: MaskedAutoencoderViT, loader: EpochLoader, pool: str, accelerator: Accelerator, desc: str
+) -> tuple[Tensor, Tensor]:
+    """(features [N, D], labels [N]) of the whole split, in dataset order, on every process."""
+    features, labels = [], []
+    bar = tqdm(loader.epoch(0), total=len(loader), desc=desc, unit="batch", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    for batch in bar:
+        features.append(encode(model, batch.images.to(accelerator.device), pool).cpu())
+        labels.append(batch.labels)
+    dim = model.cls_token.shape[-1]
+    local_features = torch.cat(features) if features else torch.zeros(0, dim)
+    local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    indices = loader.rank_indices(0)
+    total = len(loader.dataset)
+    return gather_in_order(local_features, indices, total), gather_in_order(local_labels, indices, total)
+
+
+FEATURE_CACHE = "features"
+
+
+def split_features(model: MaskedAutoencoderViT, cfg: EvalConfig, split: str, run) -> tuple[Tensor, Tensor]:
+    """`extract_features` of a split, reused from output_dir/features/ when the same encoder, data
+    and pooling were extracted before (linprobe and knn on one output_dir encode once)."""
+    path = run.output_dir / FEATURE_CACHE / f"{split}-{cfg.encoder.pool}.pt"
+    key = _feature_key(cfg, split, model.img_size)
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        if cached["key"] == key:
+            run.print(f"features of {split} read from {path}")
+            return cached["features"], cached["labels"]
+    loader = eval_loader(cfg, model.img_size, split, run.accelerator)
+    features, labels = extract_features(model, loader, cfg.encoder.pool, run.accelerator, f"features ({split})")
+    if run.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "features": features, "labels": labels}, path)
+    return features, labels
+
+
+def _feature_key(cfg: EvalConfig, split: str, img_size: int) -> str:
+    """What the features depend on: the weights (path and modification time), model, pooling, data."""
+    ckpt = Path(cfg.encoder.ckpt).resolve() if cfg.encoder.ckpt else None
+    stamp = max((p.stat().st_mtime_ns for p in [ckpt, *ckpt.rglob("*")]), default=0) if ckpt else cfg.seed
+    data = {k: v for k, v in asdict(cfg.data).items() if k not in ("batch_size", "num_workers")}
+    return json.dumps([str(ckpt), stamp, cfg.encoder.model, cfg.encoder.pool, img_size, split, data], sort_keys=True)
+
+
+def gather_in_order(local: Tensor, indices: Tensor, total: int) -> Tensor:
+    """Place every process's rows (`local[i]` belongs at `indices[i]`) into one [total, ...] tensor."""
+    out = local.new_zeros((total, *local.shape[1:]))
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        out[indices] = local
+        return out
+    # all_gather needs equal sizes: pad every share to the longest one.
+    longest = -(-total // dist.get_world_size())
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: len(local)] = local
+    padded_indices = torch.full((longest,), -1, dtype=torch.int64)
+    padded_indices[: len(indices)] = indices
+    rows = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    where = [torch.empty_like(padded_indices) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, padded)
+    dist.all_gather(where, padded_indices)
+    rows, where = torch.cat(rows), torch.cat(where)
+    valid = where >= 0
+    out[where[valid]] = rows[valid]
+    return out
+
+
+def all_gather_cat(local: Tensor) -> Tensor:
+    """Concatenate equal-sized tensors of all processes in rank order (identity on one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts)
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Percentages of rows whose label is among the `k` highest scores, as {'top1': .., 'top5': ..}."""
+    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hits = ranked == labels.unsqueeze(1)
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def num_classes(cfg: EvalConfig, img_size: int) -> int:
+    """Classes of the training split (folder: its class folders; synthetic: shape x fill)."""
+    data = replace(cfg.data, num_workers=0)
+    return int(build_loader(data, img_size=img_size, seed=cfg.seed, train=False, split=cfg.train_split).dataset.num_classes)

@@ -1,0 +1,133 @@
+"""Linear probing (He et al. 2021, section 4 and appendix A.2).
+
+Frozen encoder; its cls token (or mean patch token) goes through BatchNorm without affine
+parameters and one linear layer, trained with LARS at lr = blr * batch / 256, linear warmup
+then half-cosine; evaluated on center crops. With `linprobe.augment=false` the features of the
+center-cropped training images are extracted once and the head trains on them.
+
+Processes split the encoder work; the head (a few thousand parameters) then trains on the
+full global batch on every process, so every process holds the same head and the result does
+not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..data import build_loader
+from ..data.transforms import seeded_generator
+from ..optim import lr_at, set_lr
+from .config import EvalConfig
+from .features import all_gather_cat, encode, load_encoder, num_classes, split_features, topk_accuracy
+from .lars import LARS
+from .run import EvalRun
+
+_HEAD_ORDER_STREAM = 5  # keeps the head's batch order independent of the loader's streams
+
+
+def build_head(dim: int, num_classes: int) -> nn.Sequential:
+    """BatchNorm without affine parameters (a per-feature whitening the linear layer can absorb)
+    then a linear classifier initialised with std 0.01, as in the paper's protocol."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+class CachedTrainFeatures:
+    """Training batches drawn from features extracted once (no augmentation)."""
+
+    def __init__(self, features: Tensor, labels: Tensor, batch_size: int, seed: int):
+        if len(features) < batch_size:
+            raise ValueError(f"linprobe.batch_size={batch_size} exceeds the {len(features)} training images: lower it")
+        self.features, self.labels = features, labels
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_epoch = len(features) // batch_size
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(self.features), generator=seeded_generator(self.seed, epoch, _HEAD_ORDER_STREAM))
+        for step in range(self.steps_per_epoch):
+            rows = order[step * self.batch_size : (step + 1) * self.batch_size]
+            yield self.features[rows], self.labels[rows]
+
+
+class AugmentedTrainFeatures:
+    """Training batches encoded at every step from RandomResizedCrop + flip crops; each process
+    encodes its slice of the global batch and the features are gathered."""
+
+    def __init__(self, cfg: EvalConfig, model, run: EvalRun):
+        batch_size, world = cfg.linprobe.batch_size, run.world_size
+        if batch_size % world:
+            raise ValueError(f"linprobe.batch_size={batch_size} is not divisible by the {world} processes")
+        data = replace(cfg.data, batch_size=batch_size // world)
+        self.loader = build_loader(data, img_size=model.img_size, seed=cfg.seed, rank=run.accelerator.process_index,
+                                   world_size=world, train=True, split=cfg.train_split)
+        self.model, self.pool, self.device = model, cfg.encoder.pool, run.accelerator.device
+        self.steps_per_epoch = self.loader.batches_per_epoch
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.loader.epoch(epoch):
+            features = encode(self.model, batch.images.to(self.device), self.pool).cpu()
+            yield all_gather_cat(features), all_gather_cat(batch.labels)
+
+
+def head_lr(cfg: EvalConfig) -> float:
+    lp = cfg.linprobe
+    return lp.lr if lp.lr is not None else lp.blr * lp.batch_size / 256
+
+
+@torch.no_grad()
+def evaluate_head(head: nn.Module, features: Tensor, labels: Tensor) -> dict[str, float]:
+    head.eval()
+    try:
+        return topk_accuracy(head(features), labels)
+    finally:
+        head.train()
+
+
+def linprobe(cfg: EvalConfig) -> dict:
+    """Train and evaluate the linear head; returns the final top-1 / top-5 (percent)."""
+    run = EvalRun(cfg, "linprobe")
+    model = load_encoder(cfg.encoder, cfg.seed).to(run.accelerator.device)
+    val_features, val_labels = split_features(model, cfg, cfg.val_split, run)
+    train = _train_source(cfg, model, run)
+    set_seed(cfg.seed)  # the same head on every process
+    head = build_head(val_features.shape[1], num_classes(cfg, model.img_size))
+    lp, lr = cfg.linprobe, head_lr(cfg)
+    optimizer = LARS(head.parameters(), lr=lr, weight_decay=lp.weight_decay, momentum=lp.momentum)
+    total = train.steps_per_epoch * lp.epochs
+    run.save_config({"lr": lr, "world_size": run.world_size, "steps_per_epoch": train.steps_per_epoch, "total_steps": total})
+    run.print(f"linprobe: {total} steps of {lp.batch_size} ({'augmented crops' if lp.augment else 'features extracted once'}), "
+              f"lr {lr:.3g} (blr {lp.blr:.3g} x {lp.batch_size}/256), LARS, {run.world_size} process(es)")
+    step, result = 0, {}
+    for epoch in tqdm(range(lp.epochs), desc="linprobe", unit="epoch", disable=not run.is_main, dynamic_ncols=True):
+        losses = []
+        for features, labels in train.epoch(epoch):
+            step_lr = lr_at(step, peak=lr, min_lr=lp.min_lr, steps_per_epoch=train.steps_per_epoch,
+                            warmup_epochs=lp.warmup_epochs, epochs=lp.epochs)
+            set_lr(optimizer, step_lr)
+            loss = F.cross_entropy(head(features), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            step += 1
+        result = evaluate_head(head, val_features, val_labels)
+        run.log({"step": step, "epoch": epoch + 1, "loss": torch.stack(losses).mean().item(), "lr": step_lr, **result})
+    run.print(f"linprobe {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({len(val_labels)} images)")
+    run.close()
+    return {**result, "val_images": len(val_labels), "steps": step, "head": head}
+
+
+def _train_source(cfg: EvalConfig, model, run: EvalRun):
+    if cfg.linprobe.augment:
+        return AugmentedTrainFeatures(cfg, model, run)
+    features, labels = split_features(model, cfg, cfg.train_split, run)
+    return CachedTrainFeatures(features, labels, cfg.linprobe.batch_size, cfg.seed)

@@ -1,0 +1,189 @@
+"""Moving weights between maescale, the official MAE release files and timm.
+
+- timm: the encoder part of the MAE (official key names) is exactly the state dict of
+  timm's `VisionTransformer(num_classes=0)`; `timm_kwargs` says how to build that model.
+- official release: a `.pth` file holding `{'model': state_dict}` with the encoder only
+  (the released pretrained weights) or encoder + decoder (the visualisation weights).
+- maescale: `import_official` turns such a file into a run folder with a step-0 checkpoint,
+  which `pretrain` resumes from (continued pretraining) and every evaluation command reads.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import ConfigError
+from .models import MaskedAutoencoderViT, build_model, is_encoder_key
+
+TIMM_FORMAT = "timm"
+METADATA_FORMAT = "format"
+METADATA_MODEL = "maescale_model"
+METADATA_TIMM_KWARGS = "timm_kwargs"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class WeightsMismatchError(ConfigError):
+    """A weights file does not fit the model it is loaded into (names the keys); a user error
+    like a bad config value, so the CLI reports it without a traceback."""
+
+
+# ---------------------------------------------------------------- timm
+
+
+def timm_kwargs(model: MaskedAutoencoderViT) -> dict:
+    """Arguments of timm's VisionTransformer whose state dict equals `model`'s encoder."""
+    dim = model.cls_token.shape[-1]
+    block = model.blocks[0]
+    return dict(
+        img_size=model.img_size,
+        patch_size=model.patch_size,
+        in_chans=model.in_chans,
+        embed_dim=dim,
+        depth=len(model.blocks),
+        num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / dim,
+        qkv_bias=True,
+    )
+
+
+def build_timm_vit(kwargs: dict, **extra) -> nn.Module:
+    """timm VisionTransformer from `timm_kwargs(...)` plus e.g. num_classes, global_pool."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(**{"num_classes": 0, **kwargs, **extra})
+
+
+def export_timm(model: MaskedAutoencoderViT, out: str | Path, model_name: str) -> Path:
+    """The encoder as a safetensors file that timm's VisionTransformer(num_classes=0) loads strictly."""
+    metadata = {
+        METADATA_FORMAT: TIMM_FORMAT,
+        METADATA_MODEL: model_name,
+        METADATA_TIMM_KWARGS: json.dumps(timm_kwargs(model)),
+    }
+    return save_safetensors(model.encoder_state_dict(), out, metadata)
+
+
+def export_release(model: MaskedAutoencoderViT, out: str | Path) -> Path:
+    """Encoder + decoder as `{'model': state_dict}`, the layout of the official release files."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}, out)
+    return out
+
+
+def save_safetensors(state: dict[str, Tensor], out: str | Path, metadata: dict[str, str]) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out), metadata=metadata)
+    return out
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors file or of a torch file ({'model': sd} or a bare sd)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    try:
+        # weights_only: a checkpoint file must not be able to run code when it is read.
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - pickle raises many types
+        raise WeightsMismatchError(
+            f"{path}: not a tensors-only torch file ({type(error).__name__}: {error}); "
+            "re-save it as torch.save({'model': state_dict}, path)"
+        ) from error
+    state = payload.get("model", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsMismatchError(f"{path}: expected {{'model': state_dict}} or a state dict of tensors")
+    return state, {}
+
+
+def strip_wrapper_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop `module.` (DDP) and `_orig_mod.` (torch.compile) from key names."""
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        cleaned[key] = value
+    return cleaned
+
+
+def load_mae_state(model: MaskedAutoencoderViT, state: dict[str, Tensor], source: str) -> bool:
+    """Load an encoder-only or full MAE state dict strictly; return whether it had the decoder.
+
+    Every encoder key must be present; decoder keys must be all present or all absent (an
+    encoder-only file leaves the decoder at its initialisation, with a warning). Anything
+    else is an error naming the keys.
+    """
+    state = strip_wrapper_prefixes(state)
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    missing_encoder = sorted(k for k in expected if is_encoder_key(k) and k not in state)
+    decoder_keys = [k for k in expected if not is_encoder_key(k)]
+    present_decoder = [k for k in decoder_keys if k in state]
+    if unexpected or missing_encoder or 0 < len(present_decoder) < len(decoder_keys):
+        missing_decoder = sorted(set(decoder_keys) - set(present_decoder)) if present_decoder else []
+        raise WeightsMismatchError(
+            f"{source} does not fit {type(model).__name__} of this size: unexpected {unexpected[:8]}, "
+            f"missing encoder keys {missing_encoder[:8]}, missing decoder keys {missing_decoder[:8]}"
+        )
+    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape]
+    if shapes:
+        raise WeightsMismatchError(f"{source}: shapes differ (wrong encoder.model?): {shapes[:4]}")
+    has_decoder = bool(present_decoder)
+    if not has_decoder:
+        state = {**state, **{k: expected[k] for k in decoder_keys}}
+        warnings.warn(f"{source} holds no decoder: it keeps its initialisation (fine for evaluation and "
+                      "fine-tuning; reconstructions need continued pretraining first)", stacklevel=2)
+    model.load_state_dict(state, strict=True)
+    return has_decoder
+
+
+def load_weights_file(path: str | Path, model_name: str | None) -> MaskedAutoencoderViT:
+    """An MAE built from a weights file (official .pth, consolidated or timm safetensors)."""
+    state, metadata = read_state_dict(path)
+    name = model_name or metadata.get(METADATA_MODEL)
+    if name is None:
+        raise WeightsMismatchError(f"{path}: the file does not name its model; set encoder.model (e.g. mae_vit_base_patch16)")
+    model = build_model(name)
+    load_mae_state(model, state, str(path))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- import into a run folder
+
+
+def import_official(weights: str | Path, model_name: str, out_dir: str | Path, config: str | None = None) -> Path:
+    """Write `out_dir` as a maescale run at step 0 holding the file's weights; return the checkpoint.
+
+    `maescale pretrain output_dir=<out_dir>` then resumes from it (continued pretraining), and
+    linprobe / knn / finetune / export read the checkpoint like any other.
+    """
+    from . import checkpoint, parallel
+    from .config import load_config, save_resolved
+    from .optim import build_optimizer, peak_lr
+
+    out_dir = Path(out_dir)
+    cfg = load_config(config, [f"output_dir={out_dir}", f"model.name={model_name}"])
+    model = build_model(**asdict(cfg.model))
+    load_mae_state(model, read_state_dict(weights)[0], str(weights))
+    accelerator = parallel.build_accelerator(cfg)
+    optimizer = build_optimizer(model, cfg, peak_lr(cfg, 1))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out_dir / "config.yaml", {"imported_from": str(weights)})
+    root = checkpoint.checkpoint_root(out_dir)
+    return checkpoint.save(model, optimizer, {"step": 0}, root, 0, cfg.checkpoint.keep_last, accelerator)
