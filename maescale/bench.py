@@ -225,6 +225,8 @@ def compare_variants(
     for name, build_step in (others or {}).items():
         steps[name] = build_step(bench.images)
     switches = {**{name: StepVariant() for name in others or {}}, **variants}
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(bench.device)  # the peak then covers every variant
     times = interleaved_times(
         steps, rounds=rounds, steps_per_round=steps_per_round, warmup=warmup, device=bench.device,
         before=lambda name: bench.apply(switches[name]),
