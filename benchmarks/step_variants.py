@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,23 +38,23 @@ VARIANTS = {
 OTHERS = ("straightforward",)
 
 
-def straightforward_factory(model_name: str, device: torch.device):
+def straightforward_factory(model_name: str, device: torch.device, optimizer_step: bool):
     def build(images: torch.Tensor):
-        return straightforward_step(build_straightforward(model_name).to(device), images)
+        return straightforward_step(build_straightforward(model_name).to(device), images, optimizer_step)
 
     return build
 
 
 def run(model: str, args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    variants = {name: VARIANTS[name] for name in args.variants if name in VARIANTS}
-    others = {name: straightforward_factory(model, device) for name in args.variants if name in OTHERS}
+    variants = {name: replace(VARIANTS[name], optimizer_step=args.optimizer) for name in args.variants if name in VARIANTS}
+    others = {name: straightforward_factory(model, device, args.optimizer) for name in args.variants if name in OTHERS}
     if args.variants[0] not in VARIANTS:
         raise SystemExit(f"the first (reference) variant must be one of {sorted(VARIANTS)}")
     return compare_variants(
         model, variants, others=others, batch_size=args.batch_size, precision=args.precision,
         strategy=args.strategy, rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup,
-        device=args.device,
+        device=args.device, log=lambda line: print(f"{model}: {line}", file=sys.stderr, flush=True),
     )
 
 
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--no-optimizer", dest="optimizer", action="store_false",
+                        help="time forward + backward only (the per-image work; AdamW's per-step cost left out)")
     parser.add_argument("--jsonl", help="append each result as a JSON line to this file")
     args = parser.parse_args()
     print(COMPARE_HEADER)

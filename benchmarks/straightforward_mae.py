@@ -141,8 +141,9 @@ def build_straightforward(model_name: str) -> StraightforwardMAE:
     return StraightforwardMAE(**spec)
 
 
-def straightforward_step(model: nn.Module, images: torch.Tensor):
-    """The plain training step: forward, backward, AdamW (torch's default implementation)."""
+def straightforward_step(model: nn.Module, images: torch.Tensor, optimizer_step: bool = True):
+    """The plain training step: forward, backward, AdamW (torch's default implementation);
+    `optimizer_step=False` stops after the backward pass."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
@@ -153,7 +154,8 @@ def straightforward_step(model: nn.Module, images: torch.Tensor):
         loss, _, _ = model(images)
         optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        if optimizer_step:
+            optimizer.step()
         return loss
 
     return step

@@ -40,6 +40,9 @@ class StepVariant:
     fused_adamw: bool | None = None  # None: fused on CUDA, torch's default (foreach) elsewhere
     activation_checkpointing: bool = False
     mask_tokens_in_encoder: bool = False  # the paper's "w/ [M] in encoder" baseline
+    # False times forward + backward only: the per-image work, which is what large batches
+    # see once the per-step AdamW cost (same for every variant) is amortised.
+    optimizer_step: bool = True
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KERNELS:
@@ -122,7 +125,8 @@ class StepBench:
             with autocast:
                 loss, _, _ = module(images)
             loss.backward()
-            optimizer.step()
+            if variant.optimizer_step:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss
 
@@ -177,14 +181,16 @@ def time_steps(step: Callable[[], object], steps: int, device: torch.device) -> 
 
 def interleaved_times(
     steps: dict[str, Callable[[], object]], *, rounds: int, steps_per_round: int, warmup: int,
-    device: torch.device, before: Callable[[str], None] | None = None,
+    device: torch.device, before: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per step of each candidate in each round; candidates alternate within a round.
 
     `before(name)` runs before each candidate's warm-up and rounds (e.g. to set switches on a
     shared model). The order rotates every round so no candidate always follows the same one.
+    `log` receives a line per round (progress of long CPU runs).
     """
     before = before or (lambda name: None)
+    log = log or (lambda line: None)
     names = list(steps)
     for name in names:
         before(name)
@@ -196,6 +202,7 @@ def interleaved_times(
         for name in names[r % len(names):] + names[: r % len(names)]:
             before(name)
             times[name].append(time_steps(steps[name], steps_per_round, device))
+        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{name} {1000 * t[-1]:.0f} ms" for name, t in times.items()))
     return times
 
 
@@ -208,7 +215,8 @@ def compare_variants(
     model_name: str, variants: dict[str, StepVariant], *, batch_size: int, precision: str = "fp32",
     strategy: str = "plain", rounds: int = 3, steps_per_round: int = 2, warmup: int = 2,
     device: str | None = None, seed: int = 0,
-    others: dict[str, Callable[[torch.Tensor], Callable[[], object]]] | None = None, **model_overrides,
+    others: dict[str, Callable[[torch.Tensor], Callable[[], object]]] | None = None,
+    log: Callable[[str], None] | None = None, **model_overrides,
 ) -> list[dict]:
     """Time `variants` of one model's step in interleaved rounds; the first is the reference.
 
@@ -229,7 +237,7 @@ def compare_variants(
         torch.cuda.reset_peak_memory_stats(bench.device)  # the peak then covers every variant
     times = interleaved_times(
         steps, rounds=rounds, steps_per_round=steps_per_round, warmup=warmup, device=bench.device,
-        before=lambda name: bench.apply(switches[name]),
+        before=lambda name: bench.apply(switches[name]), log=log,
     )
     reference = times[next(iter(steps))]
     return [
