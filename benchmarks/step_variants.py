@@ -54,7 +54,7 @@ def run(model: str, args: argparse.Namespace) -> list[dict]:
     return compare_variants(
         model, variants, others=others, batch_size=args.batch_size, precision=args.precision,
         strategy=args.strategy, rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup,
-        device=args.device, log=lambda line: print(f"{model}: {line}", file=sys.stderr, flush=True),
+        device=args.device, clock=args.clock, log=lambda line: print(f"{model}: {line}", file=sys.stderr, flush=True),
     )
 
 
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-optimizer", dest="optimizer", action="store_false",
                         help="time forward + backward only (the per-image work; AdamW's per-step cost left out)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time (use with OMP_NUM_THREADS=1 on a shared machine)")
     parser.add_argument("--jsonl", help="append each result as a JSON line to this file")
     args = parser.parse_args()
     print(COMPARE_HEADER)

@@ -169,19 +169,29 @@ def shard_fsdp2_single_process(model: torch.nn.Module, precision: str, device: t
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def time_steps(step: Callable[[], object], steps: int, device: torch.device) -> float:
-    """Seconds per step over `steps` calls, synchronising the device only at both ends."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_steps(step: Callable[[], object], steps: int, device: torch.device, clock: str = "wall") -> float:
+    """Seconds per step over `steps` calls, synchronising the device only at both ends.
+
+    clock="cpu" counts this process's CPU time instead of wall time: with one torch thread
+    (OMP_NUM_THREADS=1) that is the step's own compute, unaffected by other jobs taking
+    turns on a shared machine (with several threads it would also count their spin-waits).
+    """
+    now = CLOCKS[clock]
     _sync(device)
-    start = time.perf_counter()
+    start = now()
     for _ in range(steps):
         step()
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    return (now() - start) / steps
 
 
 def interleaved_times(
     steps: dict[str, Callable[[], object]], *, rounds: int, steps_per_round: int, warmup: int,
     device: torch.device, before: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None,
+    clock: str = "wall",
 ) -> dict[str, list[float]]:
     """Seconds per step of each candidate in each round; candidates alternate within a round.
 
@@ -201,7 +211,7 @@ def interleaved_times(
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             before(name)
-            times[name].append(time_steps(steps[name], steps_per_round, device))
+            times[name].append(time_steps(steps[name], steps_per_round, device, clock))
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{name} {1000 * t[-1]:.0f} ms" for name, t in times.items()))
     return times
 
@@ -216,7 +226,7 @@ def compare_variants(
     strategy: str = "plain", rounds: int = 3, steps_per_round: int = 2, warmup: int = 2,
     device: str | None = None, seed: int = 0,
     others: dict[str, Callable[[torch.Tensor], Callable[[], object]]] | None = None,
-    log: Callable[[str], None] | None = None, **model_overrides,
+    log: Callable[[str], None] | None = None, clock: str = "wall", **model_overrides,
 ) -> list[dict]:
     """Time `variants` of one model's step in interleaved rounds; the first is the reference.
 
@@ -237,7 +247,7 @@ def compare_variants(
         torch.cuda.reset_peak_memory_stats(bench.device)  # the peak then covers every variant
     times = interleaved_times(
         steps, rounds=rounds, steps_per_round=steps_per_round, warmup=warmup, device=bench.device,
-        before=lambda name: bench.apply(switches[name]), log=log,
+        before=lambda name: bench.apply(switches[name]), log=log, clock=clock,
     )
     reference = times[next(iter(steps))]
     return [

@@ -175,7 +175,7 @@ def test_bench_command_takes_the_variant_options(capsys):
 
 def test_step_variants_script():
     done = _script("benchmarks/step_variants.py", "--models", MICRO, "--batch-size", "2", "--variants", "maescale",
-                   "mask_tokens_in_encoder", "straightforward", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                   "mask_tokens_in_encoder", "straightforward", "--rounds", "1", "--steps", "1", "--warmup", "1", "--no-optimizer",
                    "--device", "cpu")
     rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {MICRO}")]
     assert [row.split("|")[2].strip() for row in rows] == ["maescale", "mask_tokens_in_encoder", "straightforward"]
@@ -220,3 +220,22 @@ def test_gpu_suite_sections_on_cpu(tmp_path):
     assert sections == ["sweep", "sweep", "encoder", "encoder", "best", "fsdp2"]
     assert rows[-1]["strategy"] == "fsdp2" and rows[0]["precision"] == "bf16"
     assert "### encoder" in (tmp_path / "table.md").read_text()
+
+
+def test_forward_backward_only_variant_leaves_the_weights():
+    bench = StepBench(MICRO, batch_size=2, device="cpu")
+    before = bench.model.decoder_pred.weight.detach().clone()
+    bench.step_fn(StepVariant(optimizer_step=False))()
+    assert torch.equal(bench.model.decoder_pred.weight, before) and bench.model.decoder_pred.weight.grad is None
+    bench.step_fn(StepVariant())()
+    assert not torch.equal(bench.model.decoder_pred.weight, before)
+
+
+def test_cpu_clock_ignores_time_off_the_cpu():
+    import time
+
+    from maescale.bench import time_steps
+
+    cpu = torch.device("cpu")
+    assert time_steps(lambda: time.sleep(0.05), 2, cpu, clock="wall") >= 0.05
+    assert time_steps(lambda: time.sleep(0.05), 2, cpu, clock="cpu") < 0.02
