@@ -76,16 +76,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import TABLE_HEADER, TABLE_RULE, bench_train_step, table_row
+    from .bench import TABLE_HEADER, TABLE_RULE, StepVariant, bench_train_step, table_row
 
+    variant = StepVariant(
+        attention=args.attention,
+        compile=args.compile,
+        fused_adamw=args.fused_adamw,
+        activation_checkpointing=args.activation_checkpointing,
+        mask_tokens_in_encoder=args.mask_tokens_in_encoder,
+    )
     result = bench_train_step(
         args.model,
         batch_size=args.batch_size,
         precision=args.precision,
-        compile=args.compile,
         steps=args.steps,
         warmup=args.warmup,
         device=args.device,
+        strategy=args.strategy,
+        variant=variant,
     )
     print(TABLE_HEADER, TABLE_RULE, table_row(result), sep="\n")
     return 0
@@ -213,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--strategy", choices=["plain", "fsdp2"], default="plain", help="fsdp2: shard per block over a process group of one")
+    p.add_argument("--attention", choices=["sdpa", "explicit"], default="sdpa", help="fused scaled_dot_product_attention or explicit softmax")
+    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None, help="fused AdamW kernel (default: on CUDA only)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass")
+    p.add_argument("--mask-tokens-in-encoder", action="store_true", help="the paper's baseline: the encoder also sees mask tokens")
     p.set_defaults(func=cmd_bench)
 
     _add_write_beton_parser(sub)

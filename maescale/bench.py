@@ -3,12 +3,23 @@
 This is the yardstick the trainer is compared against: random images already on
 the device, no data loading, no logging; warm-up steps (and compilation) are
 excluded from the timing.
+
+Variants of the step (attention kernel, torch.compile, fused AdamW, activation
+checkpointing, mask tokens in the encoder) are compared by `compare_variants`, which
+times them in interleaved rounds on one model, so that a machine whose load changes
+during the run (a shared VM, a GPU whose clocks drift) affects every variant alike;
+ratios are medians of per-round ratios.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import statistics
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -16,10 +27,258 @@ from .metrics import device_peak_flops, mae_train_flops_per_image
 from .models import build_model
 from .optim import param_groups
 
+ATTENTION_KERNELS = ("sdpa", "explicit")
+STRATEGIES = ("plain", "fsdp2")
+
+
+@dataclass(frozen=True)
+class StepVariant:
+    """One way to run the training step; the defaults are maescale's own choices."""
+
+    attention: str = "sdpa"  # "sdpa": fused scaled_dot_product_attention; "explicit": q @ k^T, softmax, @ v
+    compile: bool = False
+    fused_adamw: bool | None = None  # None: fused on CUDA, torch's default (foreach) elsewhere
+    activation_checkpointing: bool = False
+    mask_tokens_in_encoder: bool = False  # the paper's "w/ [M] in encoder" baseline
+    # False times forward + backward only: the per-image work, which is what large batches
+    # see once the per-step AdamW cost (same for every variant) is amortised.
+    optimizer_step: bool = True
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def pick_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+class StepBench:
+    """One model, its input batch and its optimizers; `step_fn(variant)` gives a training step.
+
+    Variants share the weights: switching attention kernel, checkpointing or mask tokens
+    only flips attributes, a compiled variant wraps the same module, and a fused AdamW is a
+    second optimizer over the same parameters. Timing needs the work, not the trajectory,
+    and sharing keeps several ViT-L variants within a CPU machine's memory.
+    """
+
+    def __init__(
+        self, model_name: str, *, batch_size: int, precision: str = "fp32", strategy: str = "plain",
+        device: str | None = None, seed: int = 0, **model_overrides,
+    ):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.device = pick_device(device)
+        self.model_name, self.batch_size, self.precision, self.strategy = model_name, batch_size, precision, strategy
+        torch.manual_seed(seed)
+        # Built with the encoder's mask token so that every variant can run on it; the
+        # default path never touches that parameter (its gradient stays None, AdamW skips it).
+        self.model = build_model(model_name, mask_tokens_in_encoder=True, **model_overrides).to(self.device)
+        if strategy == "fsdp2":
+            shard_fsdp2_single_process(self.model, precision, self.device)
+        size = self.model.img_size
+        self.images = torch.randn(batch_size, 3, size, size, device=self.device)
+        self._optimizers: dict[bool | None, torch.optim.Optimizer] = {}
+        self._compiled: torch.nn.Module | None = None
+
+    def optimizer(self, fused: bool | None) -> torch.optim.Optimizer:
+        if fused is None:
+            fused = True if self.device.type == "cuda" else None
+        if fused not in self._optimizers:
+            self._optimizers[fused] = torch.optim.AdamW(
+                param_groups(self.model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused
+            )
+        return self._optimizers[fused]
+
+    def forward_module(self, compiled: bool) -> torch.nn.Module:
+        if not compiled:
+            return self.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model)
+        return self._compiled
+
+    def apply(self, variant: StepVariant) -> None:
+        """Set the model's runtime switches for `variant`."""
+        model = self.model
+        model.activation_checkpointing = variant.activation_checkpointing
+        model.mask_tokens_in_encoder = variant.mask_tokens_in_encoder
+        for block in [*model.blocks, *model.decoder_blocks]:
+            block.attn.fused_attn = variant.attention == "sdpa"
+
+    def step_fn(self, variant: StepVariant) -> Callable[[], torch.Tensor]:
+        """A closure running one optimizer step of `variant` (call `apply(variant)` first)."""
+        module = self.forward_module(variant.compile)
+        optimizer = self.optimizer(variant.fused_adamw)
+        images = self.images
+        # FSDP2 casts the parameters itself (as in maescale/parallel.py); autocast is for plain.
+        use_autocast = self.precision == "bf16" and self.strategy == "plain"
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
+
+        def step() -> torch.Tensor:
+            with autocast:
+                loss, _, _ = module(images)
+            loss.backward()
+            if variant.optimizer_step:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        return step
+
+    def flops_per_image(self, variant: StepVariant, include_recompute: bool = False) -> int:
+        return mae_train_flops_per_image(
+            self.model, mask_tokens_in_encoder=variant.mask_tokens_in_encoder,
+            include_recompute=include_recompute and variant.activation_checkpointing,
+        )
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+
+def shard_fsdp2_single_process(model: torch.nn.Module, precision: str, device: torch.device) -> None:
+    """FSDP2 over a process group of one, sharded per block like the trainer does.
+
+    Measures FSDP2's own cost (per-block all-gather / reduce-scatter bookkeeping, bf16
+    casts) without a second device; starts the group when no launcher did.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in [*model.blocks, *model.decoder_blocks]:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_steps(step: Callable[[], object], steps: int, device: torch.device, clock: str = "wall") -> float:
+    """Seconds per step over `steps` calls, synchronising the device only at both ends.
+
+    clock="cpu" counts this process's CPU time instead of wall time: with one torch thread
+    (OMP_NUM_THREADS=1) that is the step's own compute, unaffected by other jobs taking
+    turns on a shared machine (with several threads it would also count their spin-waits).
+    """
+    now = CLOCKS[clock]
+    _sync(device)
+    start = now()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (now() - start) / steps
+
+
+def interleaved_times(
+    steps: dict[str, Callable[[], object]], *, rounds: int, steps_per_round: int, warmup: int,
+    device: torch.device, before: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None,
+    clock: str = "wall",
+) -> dict[str, list[float]]:
+    """Seconds per step of each candidate in each round; candidates alternate within a round.
+
+    `before(name)` runs before each candidate's warm-up and rounds (e.g. to set switches on a
+    shared model). The order rotates every round so no candidate always follows the same one.
+    `log` receives a line per round (progress of long CPU runs).
+    """
+    before = before or (lambda name: None)
+    log = log or (lambda line: None)
+    names = list(steps)
+    for name in names:
+        before(name)
+        for _ in range(warmup):
+            steps[name]()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            before(name)
+            times[name].append(time_steps(steps[name], steps_per_round, device, clock))
+        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{name} {1000 * t[-1]:.0f} ms" for name, t in times.items()))
+    return times
+
+
+def paired_ratio(reference: list[float], candidate: list[float]) -> float:
+    """Median over rounds of reference time / candidate time: the candidate's speedup."""
+    return statistics.median(ref / cand for ref, cand in zip(reference, candidate))
+
+
+def compare_variants(
+    model_name: str, variants: dict[str, StepVariant], *, batch_size: int, precision: str = "fp32",
+    strategy: str = "plain", rounds: int = 3, steps_per_round: int = 2, warmup: int = 2,
+    device: str | None = None, seed: int = 0,
+    others: dict[str, Callable[[torch.Tensor], Callable[[], object]]] | None = None,
+    log: Callable[[str], None] | None = None, clock: str = "wall", **model_overrides,
+) -> list[dict]:
+    """Time `variants` of one model's step in interleaved rounds; the first is the reference.
+
+    `others` adds steps that are not maescale's model (e.g. a straightforward implementation
+    written in a benchmark): each entry builds a step closure from the input images; their
+    FLOPs are counted as those of the default variant.
+    """
+    bench = StepBench(model_name, batch_size=batch_size, precision=precision, strategy=strategy,
+                      device=device, seed=seed, **model_overrides)
+    steps = {}
+    for name, variant in variants.items():
+        bench.apply(variant)
+        steps[name] = bench.step_fn(variant)
+    for name, build_step in (others or {}).items():
+        steps[name] = build_step(bench.images)
+    switches = {**{name: StepVariant() for name in others or {}}, **variants}
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(bench.device)  # the peak then covers every variant
+    times = interleaved_times(
+        steps, rounds=rounds, steps_per_round=steps_per_round, warmup=warmup, device=bench.device,
+        before=lambda name: bench.apply(switches[name]), log=log, clock=clock,
+    )
+    reference = times[next(iter(steps))]
+    return [
+        _result_row(bench, name, switches[name], statistics.median(t), paired_ratio(reference, t), rounds * steps_per_round)
+        for name, t in times.items()
+    ]
+
+
+def _result_row(bench: StepBench, name: str, variant: StepVariant, seconds: float, speedup: float, steps: int) -> dict:
+    images_per_sec = bench.batch_size / seconds
+    model_flops = images_per_sec * bench.flops_per_image(variant)
+    peak = device_peak_flops(bench.device_name())
+    return {
+        "model": bench.model_name,
+        "variant": name,
+        **asdict(variant),
+        "device": bench.device_name(),
+        "batch_size": bench.batch_size,
+        "precision": bench.precision,
+        "strategy": bench.strategy,
+        "steps": steps,
+        "step_time_ms": 1000 * seconds,
+        "images_per_sec": images_per_sec,
+        "speedup": speedup,
+        "tflops": model_flops / 1e12,
+        "hardware_tflops": images_per_sec * bench.flops_per_image(variant, include_recompute=True) / 1e12,
+        "mfu": model_flops / peak if peak and bench.precision == "bf16" else None,
+        "peak_memory_gib": (
+            torch.cuda.max_memory_allocated(bench.device) / 2**30 if bench.device.type == "cuda" else None
+        ),
+    }
 
 
 def bench_train_step(
@@ -32,66 +291,55 @@ def bench_train_step(
     warmup: int = 3,
     device: str | None = None,
     seed: int = 0,
+    strategy: str = "plain",
+    variant: StepVariant | None = None,
     **model_overrides,
 ) -> dict:
     """Time `steps` optimizer steps after `warmup` untimed ones; returns images/s and step time."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed)
-    model = build_model(model_name, **model_overrides).to(device)
+    variant = variant or StepVariant()
     if compile:
-        model.compile()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
-    img_size = model.img_size
-    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-    def step() -> torch.Tensor:
-        with autocast:
-            loss, _, _ = model(images)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
+        variant = replace(variant, compile=True)
+    bench = StepBench(model_name, batch_size=batch_size, precision=precision, strategy=strategy,
+                      device=device, seed=seed, **model_overrides)
+    bench.apply(variant)
+    step = bench.step_fn(variant)
     for _ in range(warmup):
         step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    images_per_sec = batch_size * steps / elapsed
-    achieved = images_per_sec * mae_train_flops_per_image(model)
-    peak = device_peak_flops(device_name)
-    return {
-        "model": model_name,
-        "device": device_name,
-        "batch_size": batch_size,
-        "precision": precision,
-        "compile": compile,
-        "steps": steps,
-        "step_time_ms": 1000 * elapsed / steps,
-        "images_per_sec": images_per_sec,
-        "tflops": achieved / 1e12,
-        "mfu": achieved / peak if peak and precision == "bf16" else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "final_loss": loss.detach().item(),
-    }
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(bench.device)
+    seconds = time_steps(step, steps, bench.device)
+    loss = step()
+    row = _result_row(bench, "default", variant, seconds, 1.0, steps)
+    row["final_loss"] = loss.detach().float().item()
+    return row
 
 
 TABLE_HEADER = "| model | device | batch | precision | compile | images/s | ms/step | TFLOP/s | MFU | peak GiB |"
 TABLE_RULE = "|---" * (TABLE_HEADER.count("|") - 1) + "|"
 
+COMPARE_HEADER = "| model | variant | batch | precision | strategy | images/s | ms/step | speedup | TFLOP/s | MFU | peak GiB |"
+COMPARE_RULE = "|---" * (COMPARE_HEADER.count("|") - 1) + "|"
+
+
+def _mfu_and_memory(r: dict) -> tuple[str, str]:
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+    return mfu, memory
+
 
 def table_row(r: dict) -> str:
     """One Markdown table row (columns of TABLE_HEADER) for a bench_train_step result."""
-    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-    memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+    mfu, memory = _mfu_and_memory(r)
     return (
         f"| {r['model']} | {r['device']} | {r['batch_size']} | {r['precision']} | {'on' if r['compile'] else 'off'} | "
         f"{r['images_per_sec']:.1f} | {r['step_time_ms']:.1f} | {r['tflops']:.2f} | {mfu} | {memory} |"
+    )
+
+
+def compare_row(r: dict) -> str:
+    """One Markdown table row (columns of COMPARE_HEADER) for a compare_variants result."""
+    mfu, memory = _mfu_and_memory(r)
+    return (
+        f"| {r['model']} | {r['variant']} | {r['batch_size']} | {r['precision']} | {r['strategy']} | "
+        f"{r['images_per_sec']:.2f} | {r['step_time_ms']:.1f} | {r['speedup']:.2f}x | {r['tflops']:.3f} | {mfu} | {memory} |"
     )

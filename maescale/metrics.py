@@ -89,27 +89,40 @@ def _block_flops(tokens: int, dim: int, mlp_hidden: int) -> int:
     return linear + attention
 
 
-def mae_train_flops_per_image(model, mask_ratio: float | None = None) -> int:
+def mae_train_flops_per_image(
+    model,
+    mask_ratio: float | None = None,
+    *,
+    mask_tokens_in_encoder: bool | None = None,
+    include_recompute: bool = False,
+) -> int:
     """Training FLOPs (forward + backward = 3x forward) per image of an MAE.
 
     Follows the accounting of Kaplan et al. 2020 / PaLM appendix B (6N per token for
     matmuls) applied per component: the patch embedding sees all L patches, the encoder
     sees the 1 + L*(1-r) visible tokens, the decoder all 1 + L tokens. For ViT-B/L/H at
     224 px and r = 0.75 this gives about 58.7, 124.5 and 291.4 GFLOP.
+
+    `mask_tokens_in_encoder` (default: the model's setting) counts the encoder on all
+    1 + L tokens, the paper's "w/ [M] in encoder" baseline. `include_recompute` adds the
+    second forward pass of every block that activation checkpointing runs in the backward
+    pass: hardware FLOPs rather than model FLOPs (PaLM appendix B), so MFU stays without it.
     """
     ratio = model.mask_ratio if mask_ratio is None else mask_ratio
+    if mask_tokens_in_encoder is None:
+        mask_tokens_in_encoder = getattr(model, "mask_tokens_in_encoder", False)
     num_patches = model.num_patches
-    visible = 1 + int(num_patches * (1 - ratio))
     everything = 1 + num_patches
+    encoded = everything if mask_tokens_in_encoder else 1 + int(num_patches * (1 - ratio))
     patch_dim = model.patch_size**2 * model.in_chans
     dim = model.cls_token.shape[-1]
     dec_dim = model.decoder_embed.out_features
-    forward = 2 * num_patches * patch_dim * dim
-    forward += sum(_block_flops(visible, dim, b.mlp.fc1.out_features) for b in model.blocks)
-    forward += 2 * visible * dim * dec_dim
-    forward += sum(_block_flops(everything, dec_dim, b.mlp.fc1.out_features) for b in model.decoder_blocks)
-    forward += 2 * num_patches * dec_dim * patch_dim
-    return 3 * forward
+    blocks = sum(_block_flops(encoded, dim, b.mlp.fc1.out_features) for b in model.blocks)
+    blocks += sum(_block_flops(everything, dec_dim, b.mlp.fc1.out_features) for b in model.decoder_blocks)
+    embed_and_predict = 2 * num_patches * patch_dim * dim + 2 * encoded * dim * dec_dim
+    embed_and_predict += 2 * num_patches * dec_dim * patch_dim
+    recompute = blocks if include_recompute else 0
+    return 3 * (blocks + embed_and_predict) + recompute
 
 
 def accelerator_peak_flops(device, precision: str) -> float | None:

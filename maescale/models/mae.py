@@ -80,6 +80,7 @@ MODEL_SPECS: dict[str, dict[str, Any]] = {
 OVERRIDABLE_KEYS = frozenset({
     "img_size", "patch_size", "mask_ratio", "norm_pix_loss",
     "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "in_chans",
+    "mask_tokens_in_encoder",
 })
 
 # A state-dict key belongs to the decoder iff one of its dotted parts starts with one
@@ -205,6 +206,11 @@ class MaskedAutoencoderViT(nn.Module):
     Build from the registry with :func:`build_model`; the constructor takes the raw
     sizes. ``mlp_ratio`` applies to the encoder; the decoder always uses
     ``decoder_mlp_ratio`` (4 in the paper, also for ViT-g).
+
+    ``mask_tokens_in_encoder=True`` builds the paper's "w/ [M] in encoder" baseline
+    (He et al. 2021, Table 1c and the wall-clock comparison of section 3): removed patches
+    are replaced by a learned mask token and the encoder sees all ``1 + L`` tokens. It exists
+    to measure what encoding only the visible patches saves; MAE training uses the default.
     """
 
     def __init__(
@@ -222,6 +228,7 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
         mask_ratio: float = 0.75,
+        mask_tokens_in_encoder: bool = False,
     ) -> None:
         super().__init__()
         _validate_sizes(img_size, patch_size, in_chans, mask_ratio,
@@ -248,6 +255,9 @@ class MaskedAutoencoderViT(nn.Module):
             for _ in range(depth)
         )
         self.norm = norm_layer(embed_dim)
+        self.mask_tokens_in_encoder = mask_tokens_in_encoder
+        if mask_tokens_in_encoder:
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
 
         # Decoder.
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
@@ -278,6 +288,8 @@ class MaskedAutoencoderViT(nn.Module):
         self._init_patch_embed()
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        if self.mask_tokens_in_encoder:
+            nn.init.normal_(self.encoder_mask_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -350,6 +362,21 @@ class MaskedAutoencoderViT(nn.Module):
         tokens, mask, ids_restore = random_masking(self._embed_patches(imgs), mask_ratio, noise)
         return self._encode(self._prepend_cls(tokens)), mask, ids_restore
 
+    def forward_encoder_with_mask_tokens(
+        self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The "w/ [M] in encoder" baseline: every patch is encoded, removed ones as the mask token.
+
+        Returns:
+            latent: ``[N, 1 + L, D]`` in the original patch order (cls first), mask: ``[N, L]``.
+        """
+        tokens = self._embed_patches(imgs)
+        _, mask, _ = random_masking(tokens, mask_ratio, noise)
+        # The mask token carries the position of the patch it stands for, as in the decoder.
+        stand_ins = self.encoder_mask_token.to(tokens.dtype) + self.pos_embed[:, 1:].to(tokens.dtype)
+        tokens = torch.where(mask.unsqueeze(-1).bool(), stand_ins, tokens)
+        return self._encode(self._prepend_cls(tokens)), mask
+
     def forward_features(self, imgs: Tensor) -> Tensor:
         """Encode all patches without masking (evaluation / feature extraction).
 
@@ -379,7 +406,11 @@ class MaskedAutoencoderViT(nn.Module):
         shuffled = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [N, L, Dd] in shuffled order
         index = ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         patches = torch.gather(shuffled, 1, index)  # back to the original patch order
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        return self._decode_tokens(torch.cat([x[:, :1], patches], dim=1))
+
+    def _decode_tokens(self, x: Tensor) -> Tensor:
+        """``[N, 1 + L, Dd]`` decoder tokens in patch order -> ``[N, L, p*p*C]`` predicted pixels."""
+        x = x + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = self._run_block(block, x)
         # Norm and pred act per token, so dropping cls first is equivalent and saves work.
@@ -418,8 +449,12 @@ class MaskedAutoencoderViT(nn.Module):
             loss (scalar), pred ``[N, L, p*p*C]``, mask ``[N, L]``.
         """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
+        if self.mask_tokens_in_encoder:
+            latent, mask = self.forward_encoder_with_mask_tokens(imgs, ratio, noise)
+            pred = self._decode_tokens(self.decoder_embed(latent))
+        else:
+            latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise)
+            pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     # ----------------------------------------------------------------------- export

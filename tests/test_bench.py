@@ -1,0 +1,241 @@
+"""Benchmark tooling: step variants, FLOPs of the variants, the benchmark scripts on tiny
+configs, the prepared GPU check, and the fast mask-noise path of the loader."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from maescale.__main__ import main as cli_main
+from maescale.bench import StepBench, StepVariant, compare_variants, interleaved_times, paired_ratio
+from maescale.data.loader import Batch, sample_mask_seed
+from maescale.metrics import mae_train_flops_per_image
+from maescale.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_suite  # noqa: E402
+from straightforward_mae import build_straightforward, straightforward_step  # noqa: E402
+
+MICRO = "mae_vit_micro_patch4"
+
+
+def _script(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+# ------------------------------------------------------------------ mask noise
+
+
+def test_mask_noise_equals_one_generator_per_sample():
+    """The faster loop must give the very values of a fresh generator per sample."""
+    seeds = [sample_mask_seed(seed, epoch, index) for seed in (0, 7) for epoch in (0, 3) for index in (0, 1, 99, 12345)]
+    batch = Batch(torch.zeros(len(seeds), 3, 4, 4), torch.zeros(len(seeds)), (), torch.tensor(seeds))
+    for num_patches in (1, 16, 196, 700):  # 700 > 624 words: crosses an MT19937 state refill
+        expected = torch.stack(
+            [torch.rand(num_patches, generator=torch.Generator().manual_seed(int(s))) for s in batch.seeds]
+        )
+        assert torch.equal(batch.mask_noise(num_patches), expected)
+
+
+# ------------------------------------------------------------------ mask tokens in the encoder
+
+
+def test_default_model_is_unchanged_by_the_option():
+    torch.manual_seed(0)
+    plain = build_model(MICRO)
+    torch.manual_seed(0)
+    default = build_model(MICRO, mask_tokens_in_encoder=False)
+    assert plain.state_dict().keys() == default.state_dict().keys()
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in default.state_dict().items())
+
+
+def test_mask_tokens_in_encoder_encodes_every_patch():
+    torch.manual_seed(0)
+    model = build_model(MICRO, mask_tokens_in_encoder=True)
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.num_patches)
+    seen = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    loss, pred, mask = model(images, noise=noise)
+    handle.remove()
+    assert seen[0].shape == (2, 1 + model.num_patches, 64)
+    removed = mask[0].bool()
+    stand_in = model.encoder_mask_token[0, 0] + model.pos_embed[0, 1:][removed]
+    assert torch.allclose(seen[0][0, 1:][removed], stand_in)  # removed patches enter as the mask token
+    _, _, default_mask = build_model(MICRO)(images, noise=noise)
+    assert torch.equal(mask, default_mask) and pred.shape == (2, model.num_patches, 48)
+    loss.backward()
+    assert model.encoder_mask_token.grad is not None and model.encoder_mask_token.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ FLOPs
+
+
+@pytest.mark.parametrize(
+    "name, with_mask_tokens, with_recompute",
+    [("mae_vit_base_patch16", 137.96, 77.82), ("mae_vit_large_patch16", 402.06, 165.53),
+     ("mae_vit_huge_patch14", 1047.29, 387.87)],
+)
+def test_flops_of_mask_tokens_and_recompute(name, with_mask_tokens, with_recompute):
+    """Hand calculation for ViT-L: block(T, D, H) = 2T(4D^2 + 2DH) + 4T^2 D.
+    [M] in encoder: 3 * (24 block(197, 1024, 4096) + 8 block(197, 512, 2048) + embed/decoder_embed/pred)
+    = 402.06 GFLOP; checkpointing adds one forward of all blocks: 124.53 + 41.00 = 165.53."""
+    with torch.device("meta"):
+        model = build_model(name)
+    assert mae_train_flops_per_image(model, mask_tokens_in_encoder=True) / 1e9 == pytest.approx(with_mask_tokens, abs=0.01)
+    assert mae_train_flops_per_image(model, include_recompute=True) / 1e9 == pytest.approx(with_recompute, abs=0.01)
+    # the [M] encoder does the work of an encoder without masking
+    assert mae_train_flops_per_image(model, mask_tokens_in_encoder=True) == mae_train_flops_per_image(model, mask_ratio=0.0)
+
+
+def test_flops_follow_the_models_own_switch():
+    with torch.device("meta"):
+        model = build_model("mae_vit_large_patch16", mask_tokens_in_encoder=True)
+    assert mae_train_flops_per_image(model) / 1e9 == pytest.approx(402.06, abs=0.01)
+
+
+# ------------------------------------------------------------------ step variants
+
+
+def test_variants_switch_the_shared_model():
+    bench = StepBench(MICRO, batch_size=2, device="cpu")
+    bench.apply(StepVariant(attention="explicit", activation_checkpointing=True, mask_tokens_in_encoder=True))
+    assert not any(b.attn.fused_attn for b in [*bench.model.blocks, *bench.model.decoder_blocks])
+    assert bench.model.activation_checkpointing and bench.model.mask_tokens_in_encoder
+    assert bench.optimizer(True) is bench.optimizer(True) and bench.optimizer(True) is not bench.optimizer(None)
+    bench.apply(StepVariant())
+    assert all(b.attn.fused_attn for b in bench.model.blocks) and not bench.model.mask_tokens_in_encoder
+    with pytest.raises(ValueError, match="attention"):
+        StepVariant(attention="flash")
+
+
+def test_explicit_attention_gives_the_same_loss():
+    bench = StepBench(MICRO, batch_size=2, device="cpu")
+    noise = torch.rand(2, bench.model.num_patches)
+    bench.apply(StepVariant())
+    fused, _, _ = bench.model(bench.images, noise=noise)
+    bench.apply(StepVariant(attention="explicit"))
+    explicit, _, _ = bench.model(bench.images, noise=noise)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+
+
+def test_interleaved_rounds_rotate_and_pair():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = interleaved_times(steps, rounds=3, steps_per_round=1, warmup=1, device=torch.device("cpu"))
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert all(len(t) == 3 for t in times.values())
+    assert paired_ratio([2.0, 4.0, 3.0], [1.0, 1.0, 3.0]) == 2.0
+
+
+def test_compare_variants_reports_each_variant():
+    variants = {"maescale": StepVariant(), "mask_tokens_in_encoder": StepVariant(mask_tokens_in_encoder=True),
+                "explicit_attention": StepVariant(attention="explicit"), "fused_adamw": StepVariant(fused_adamw=True),
+                "checkpointing": StepVariant(activation_checkpointing=True)}
+    rows = compare_variants(MICRO, variants, others={"straightforward": lambda images: straightforward_step(
+        build_straightforward(MICRO), images)}, batch_size=2, rounds=1, steps_per_round=1, warmup=1, device="cpu")
+    by_name = {r["variant"]: r for r in rows}
+    assert list(by_name) == [*variants, "straightforward"]
+    assert by_name["maescale"]["speedup"] == 1.0
+    assert all(r["images_per_sec"] > 0 and r["speedup"] > 0 for r in rows)
+    assert by_name["mask_tokens_in_encoder"]["tflops"] / by_name["mask_tokens_in_encoder"]["images_per_sec"] > (
+        by_name["maescale"]["tflops"] / by_name["maescale"]["images_per_sec"])  # more FLOPs per image
+    assert by_name["checkpointing"]["hardware_tflops"] > by_name["checkpointing"]["tflops"]
+
+
+def test_straightforward_model_matches_maescale_sizes():
+    for name in (MICRO, "mae_vit_base_patch16"):
+        with torch.device("meta"):
+            ours, plain = build_model(name), build_straightforward(name)
+        trainable = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (ours, plain)]
+        assert trainable[0] == trainable[1]  # the position tables are frozen in both
+    step = straightforward_step(build_straightforward(MICRO), torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(step())
+
+
+def test_bench_command_takes_the_variant_options(capsys):
+    assert cli_main(["bench", "--model", MICRO, "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                     "--attention", "explicit", "--mask-tokens-in-encoder", "--fused-adamw"]) == 0
+    assert f"| {MICRO} | cpu | 2 | fp32 | off |" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ scripts
+
+
+def test_step_variants_script():
+    done = _script("benchmarks/step_variants.py", "--models", MICRO, "--batch-size", "2", "--variants", "maescale",
+                   "mask_tokens_in_encoder", "straightforward", "--rounds", "1", "--steps", "1", "--warmup", "1", "--no-optimizer",
+                   "--device", "cpu")
+    rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {MICRO}")]
+    assert [row.split("|")[2].strip() for row in rows] == ["maescale", "mask_tokens_in_encoder", "straightforward"]
+
+
+def test_trainer_overhead_script():
+    done = _script("benchmarks/trainer_overhead.py", "--model", MICRO, "--batch-size", "8", "--steps", "4",
+                   "--log-every", "2", "--rounds", "1")
+    result = json.loads(done.stdout.splitlines()[0])
+    assert result["ratio"] > 0 and len(result["trainer_images_per_sec"]) == 1
+    assert "trainer / bare step" in done.stdout
+
+
+def test_trainer_overhead_profiles_the_real_command(tmp_path):
+    import trainer_overhead
+
+    args = argparse.Namespace(
+        model=MICRO, batch_size=8, workers=1, steps=4, log_every=2, checkpoint_every=100)
+    command = trainer_overhead.pretrain_command(args, tmp_path / "run", profile=str(tmp_path / "p.prof"))
+    assert command[1:5] == ["-m", "cProfile", "-o", str(tmp_path / "p.prof")]
+    assert command[5:8] == ["-m", "maescale", "pretrain"] and "train.max_steps=4" in command
+
+
+def test_gpu_check_script_is_valid_and_names_real_sections():
+    subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=REPO, check=True)
+    text = (REPO / "benchmarks/gpu_check.sh").read_text()
+    sections = re.findall(r"^section (\w+) \d+", text, flags=re.M)
+    assert sections == ["sweep", "encoder", "fsdp2", "best"] and set(sections) <= set(gpu_suite.SECTIONS)
+
+
+def test_gpu_suite_sections_on_cpu(tmp_path):
+    """The Python side of gpu_check.sh with a tiny model (bf16 autocast works on CPU too)."""
+    tiny = ["--out", str(tmp_path), "--models", MICRO, "--steps", "1", "--warmup", "1", "--rounds", "1", "--device", "cpu"]
+    gpu_suite.main(["sweep", *tiny, "--batch-sizes", "2", "4"])
+    assert json.loads((tmp_path / "best_batch.json").read_text())[MICRO] in (2, 4)
+    gpu_suite.main(["encoder", *tiny, "--encoder-batch", "2"])
+    gpu_suite.main(["best", *tiny, "--no-compile"])
+    # FSDP2 starts a process group: in its own process, as gpu_check.sh runs it.
+    _script("benchmarks/gpu_suite.py", "fsdp2", *tiny)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    sections = [row["section"].split()[0] for row in rows]
+    assert sections == ["sweep", "sweep", "encoder", "encoder", "best", "fsdp2"]
+    assert rows[-1]["strategy"] == "fsdp2" and rows[0]["precision"] == "bf16"
+    assert "### encoder" in (tmp_path / "table.md").read_text()
+
+
+def test_forward_backward_only_variant_leaves_the_weights():
+    bench = StepBench(MICRO, batch_size=2, device="cpu")
+    before = bench.model.decoder_pred.weight.detach().clone()
+    bench.step_fn(StepVariant(optimizer_step=False))()
+    assert torch.equal(bench.model.decoder_pred.weight, before) and bench.model.decoder_pred.weight.grad is None
+    bench.step_fn(StepVariant())()
+    assert not torch.equal(bench.model.decoder_pred.weight, before)
+
+
+def test_cpu_clock_ignores_time_off_the_cpu():
+    import time
+
+    from maescale.bench import time_steps
+
+    cpu = torch.device("cpu")
+    assert time_steps(lambda: time.sleep(0.05), 2, cpu, clock="wall") >= 0.05
+    assert time_steps(lambda: time.sleep(0.05), 2, cpu, clock="cpu") < 0.02
