@@ -211,8 +211,9 @@ def test_train_batches_shapes_labels_and_epoch_varying_crops(train_loader, writt
     assert all(not torch.equal(crops[0, i], crops[1, i]) for i in gradients)
     boxes = _gradient_boxes(torch.stack([crops[key] for key in crops if key[1] < GRADIENTS]))
     areas = [w * h for w, h in boxes]
-    # Scale bounds [0.2, 1] and ratio bounds [3/4, 4/3], with slack for JPEG and interpolation.
-    assert min(areas) > 0.2 - 0.06 and max(areas) <= 1.0 + 1e-3
+    # Scale bounds [0.2, 1] and ratio bounds [3/4, 4/3], with slack for JPEG and interpolation
+    # (JPEG moves the ramps' end colours by a few levels: a whole-image crop reads up to ~1.01).
+    assert min(areas) > 0.2 - 0.06 and max(areas) <= 1.0 + 0.03
     assert all(3 / 4 - 0.1 < w / h < 4 / 3 + 0.1 for w, h in boxes)
     assert max(areas) - min(areas) > 0.2, f"crop areas hardly vary: {areas}"
 
