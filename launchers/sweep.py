@@ -184,7 +184,7 @@ def measure_run(run_dir: Path, warmup_steps: int) -> dict:
     derived = config["derived"]
     row["model"] = config["model"]["name"]  # the model that ran (a sweep's overrides may swap it)
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    steady = [r for r in rows if r["step"] > warmup_steps]
+    steady = [r for r in rows if r["step"] > warmup_steps and "images_per_sec" in r]  # not kNN rows
     row.update(gpus=derived["world_size"], steps=rows[-1]["step"] if rows else 0)
     if not steady:
         return {**row, "status": f"no steps after the {warmup_steps} warm-up steps"}

@@ -99,6 +99,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class MonitorConfig:
+    knn_every: Optional[int] = opt(
+        None,
+        "Optimizer steps between kNN checks of the encoder on labelled held-out images (null = off; one also runs "
+        "at the end): top-1/top-5 go to metrics.jsonl as knn_top1/knn_top5.",
+    )
+    bank_split: str = opt("train", "Split whose center crops form the kNN bank (folder: <data.path>/<split>; synthetic: train or val).")
+    val_split: str = opt("val", "Split classified by its neighbours in the bank (e.g. val, or test for CIFAR-10).")
+    bank_images: int = opt(5000, "Evenly spaced images of bank_split encoded at each check.")
+    val_images: int = opt(1000, "Evenly spaced images of val_split classified at each check.")
+    pool: Literal["cls", "mean"] = opt("mean", "Feature of an image: the cls token or the mean of the patch tokens.")
+    k: int = opt(20, "Neighbours that vote (as `maescale knn`).")
+    temperature: float = opt(0.07, "Vote weight exp(cosine / temperature) (as `maescale knn`).")
+
+
+@dataclass
 class Config:
     output_dir: str = opt("runs/demo", "Run folder: config.yaml, metrics.jsonl, tensorboard/, figures/, checkpoints/.")
     seed: int = opt(0, "Seed of the data order, augmentation, masks and initialisation.")
@@ -109,6 +125,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 DERIVED = "derived"
@@ -256,6 +273,11 @@ def validate(cfg: Config) -> None:
          "parallel.cpu_offload needs parallel.strategy=fsdp2"),
         (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
         (cfg.checkpoint.keep_last > 0, "checkpoint.keep_last must be positive"),
+        (cfg.monitor.knn_every is None or cfg.monitor.knn_every > 0, "monitor.knn_every must be positive or null"),
+        (cfg.monitor.bank_images > 0, "monitor.bank_images must be positive"),
+        (cfg.monitor.val_images > 0, "monitor.val_images must be positive"),
+        (cfg.monitor.k > 0, "monitor.k must be positive"),
+        (cfg.monitor.temperature > 0, "monitor.temperature must be positive"),
     ]
     for ok, message in checks:
         if not ok:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -60,6 +62,15 @@ class Throughput:
 
     def add(self, images: int) -> None:
         self._images += images
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside does not count: it is not training (e.g. a kNN check)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - start
 
     def rate(self) -> float:
         elapsed = time.perf_counter() - self._start

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, parallel
 from .config import Config, ConfigError, save_resolved
 from .data import Batch, EpochLoader, build_loader, first_images
+from .evaluate.monitor import KnnMonitor
 from .metrics import MetricsLogger, Throughput, accelerator_peak_flops, mae_train_flops_per_image, peak_memory_gib
 from .models import build_model
 from .parallel import no_gradient_sync
@@ -197,13 +198,14 @@ class Trainer:
         self.skipped: set[str] = set()
         self.nonfinite_skips = 0  # updates skipped in this process's run (train.nonfinite=skip)
         self.peak_flops = accelerator_peak_flops(acc.device, cfg.train.precision)
+        self.knn_monitor = KnnMonitor(cfg, acc, self.img_size, self.embed_dim) if cfg.monitor.knn_every else None
 
     def _build_loader(self) -> EpochLoader:
         cfg, acc = self.cfg, self.accelerator
         # The model's resolution decides the crop size; read it without allocating weights.
         with torch.device("meta"):
             shape = model_from_config(self.cfg)
-        self.img_size, self.num_patches = shape.img_size, shape.num_patches
+        self.img_size, self.num_patches, self.embed_dim = shape.img_size, shape.num_patches, shape.embed_dim
         self.flops_per_image = mae_train_flops_per_image(shape)
         return build_loader(
             cfg.data, img_size=self.img_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes
@@ -320,6 +322,9 @@ class Trainer:
                     self._log(window_loss / window_steps, lr, throughput.rate(), bar)
                     window_loss.zero_()
                     window_steps = 0
+                if self.knn_monitor and (done or self.state.step % cfg.monitor.knn_every == 0):
+                    with throughput.paused():
+                        self._check_knn()
                 if done:
                     return None
                 if parallel.any_process(stop.requested):  # every process stops after the same step
@@ -336,6 +341,16 @@ class Trainer:
             bar.close()
             stream.close()
         return None
+
+    def _check_knn(self) -> None:
+        m = self.cfg.monitor
+        result = self.knn_monitor(self.model)
+        self.metrics.log({"step": self.state.step, "epoch": self.state.step / self.schedule.steps_per_epoch, **result})
+        self.print(
+            f"step {self.state.step}: kNN top-1 {result['knn_top1']:.2f}%  top-5 {result['knn_top5']:.2f}%  "
+            f"({m.val_split}: {len(self.knn_monitor.val.eval_selection())} images, "
+            f"bank: {len(self.knn_monitor.bank.eval_selection())} {m.bank_split} images, {m.pool} pool)"
+        )
 
     def _note_skipped(self, batches: list[Batch]) -> None:
         for batch in batches:

@@ -52,7 +52,7 @@ class IndexDataset(torch.utils.data.Dataset):
         return ((pattern * (index + 1)) % 251).to(torch.uint8), index
 
 
-def index_loader(size=50, batch_size=4, seed=0, rank=0, world_size=1, train=True, num_workers=0):
+def index_loader(size=50, batch_size=4, seed=0, rank=0, world_size=1, train=True, num_workers=0, eval_subset=None):
     return EpochLoader(
         IndexDataset(size),
         MAETrainTransform(8) if train else EvalTransform(8),
@@ -62,6 +62,7 @@ def index_loader(size=50, batch_size=4, seed=0, rank=0, world_size=1, train=True
         world_size=world_size,
         num_workers=num_workers,
         train=train,
+        eval_subset=eval_subset,
     )
 
 
@@ -450,3 +451,21 @@ def test_eval_mode_is_ordered_deterministic_and_drops_nothing():
         assert [len(b.labels) for b in batches] == [8, 8, 8, 1]
     seen = [torch.cat([b.labels for b in batches]).tolist() for batches in first]
     assert seen[0] == list(range(0, 50, 2)) and seen[1] == list(range(1, 50, 2))
+
+
+def test_eval_subset_is_evenly_spaced_and_equal_on_every_rank():
+    ranks = [index_loader(size=103, batch_size=8, rank=r, world_size=3, train=False, eval_subset=50) for r in range(3)]
+    selection = ranks[0].eval_selection().tolist()
+    # 50 rounded down to 48 (3 processes x 16): evenly spaced over all 103 images, each once.
+    assert len(selection) == 48 and selection == sorted(set(selection))
+    assert selection[0] == 0 and selection[-1] >= 103 - 103 // 48 - 1
+    assert max(b - a for a, b in zip(selection, selection[1:])) <= 3
+    seen = [torch.cat([b.labels for b in loader.epoch(0)]).tolist() for loader in ranks]
+    assert [len(s) for s in seen] == [16, 16, 16] and {len(loader) for loader in ranks} == {2}
+    assert sorted(sum(seen, [])) == selection
+    whole = index_loader(size=10, world_size=3, train=False, eval_subset=1000)  # more than the split: all, rounded
+    assert whole.eval_selection().tolist() == list(range(9))
+    with pytest.raises(ValueError, match="leaves nothing for 3 processes"):
+        index_loader(size=10, world_size=3, train=False, eval_subset=2)
+    with pytest.raises(ValueError, match="eval-mode loaders"):
+        build_loader(types.SimpleNamespace(kind="synthetic"), img_size=8, seed=0, train=True, eval_subset=5)

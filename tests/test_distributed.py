@@ -27,6 +27,7 @@ COMMON = [
     "model.name=mae_vit_micro_patch4", "data.synthetic_size=512", "data.num_workers=0", "schedule.epochs=4",
     "schedule.warmup_epochs=1", "optim.blr=1.5e-3", "train.log_every=1", "checkpoint.every_steps=3",
 ]
+KNN_MONITOR = ["monitor.knn_every=3", "monitor.bank_images=128", "monitor.val_images=64"]
 
 
 def free_port() -> int:
@@ -52,7 +53,11 @@ def run(out: Path, nproc: int, *overrides: str, steps: int = 6, launcher: str = 
 
 
 def losses(out: Path) -> list[float]:
-    return [row["loss"] for row in read_metrics(out)]
+    return [row["loss"] for row in read_metrics(out) if "loss" in row]
+
+
+def knn_rows(out: Path) -> list[tuple[int, float, float]]:
+    return [(row["step"], row["knn_top1"], row["knn_top5"]) for row in read_metrics(out) if "knn_top1" in row]
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -63,7 +68,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
-    run(out, 1)
+    run(out, 1, *KNN_MONITOR)
     return out
 
 
@@ -87,7 +92,7 @@ def single(tmp_path_factory) -> Path:
 )
 def test_two_processes_match_one(tmp_path, single, name, overrides, tolerance):
     out = tmp_path / name
-    result = run(out, 2, *overrides)
+    result = run(out, 2, *overrides, *KNN_MONITOR)
     strategy = overrides[0].split("=")[1]
     held = re.search(rf"{strategy} on 2 process\(es\) \(cpu, gloo\), (ZeRO-\d, )?([\d.]+)% of the parameters held here", result.stdout)
     assert held, result.stdout
@@ -97,6 +102,10 @@ def test_two_processes_match_one(tmp_path, single, name, overrides, tolerance):
     sharded = name.startswith("fsdp2") or name.startswith("zero3")
     assert (45 <= float(held.group(2)) < 60) if sharded else float(held.group(2)) == 100.0
     assert losses(out) == pytest.approx(losses(single), rel=tolerance)
+    # The kNN monitor encodes through the sharded model (steps 3 and 6): same accuracies in fp32.
+    assert [row[0] for row in knn_rows(out)] == [3, 6]
+    if tolerance < 1e-3:
+        assert knn_rows(out) == knn_rows(single)
     reference = final_weights(single)
     for key, value in final_weights(out).items():
         assert torch.allclose(value, reference[key], atol=tolerance, rtol=tolerance), key
@@ -106,6 +115,7 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_back(tmp_path, single):
     """2 -> 1 and 1 -> 2 processes: the steps after the resume match the uninterrupted run."""
     straight = tmp_path / "straight"
     run(straight, 1, steps=9)
+    assert losses(straight)[:6] == losses(single)  # the kNN monitor, on in `single`, leaves training unchanged
     two_then_one = tmp_path / "two_then_one"
     run(two_then_one, 2, "parallel.strategy=fsdp2", steps=6)
     run(two_then_one, 1, steps=9)

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from maescale import parallel
 from maescale.__main__ import main
 from maescale.config import ConfigError, load_config
 from maescale.evaluate.config import EvalConfig
@@ -22,7 +24,9 @@ from maescale.evaluate.finetune import classifier_from_mae, finetune, layer_deca
 from maescale.evaluate.knn import knn_scores
 from maescale.evaluate.lars import LARS
 from maescale.evaluate.linprobe import build_head
+from maescale.evaluate.monitor import KnnMonitor
 from maescale.metrics import read_metrics
+from maescale.data import build_loader
 from maescale.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,8 +192,37 @@ def pretrained(tmp_path_factory) -> Path:
     """A micro MAE pretrained for a few steps on the synthetic shapes (through the CLI)."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
     cli("pretrain", f"output_dir={out}", "model.name=mae_vit_micro_patch4", "data.synthetic_size=256", "data.batch_size=32",
-        "data.num_workers=0", "schedule.epochs=2", "schedule.warmup_epochs=0.5", "optim.blr=2e-3", "train.log_every=4")
+        "data.num_workers=0", "schedule.epochs=2", "schedule.warmup_epochs=0.5", "optim.blr=2e-3", "train.log_every=4",
+        "monitor.knn_every=5", "monitor.bank_images=64", "monitor.val_images=32")
     return out / "checkpoints" / "step_00000016"
+
+
+def test_online_knn_monitor_runs_every_n_steps_and_at_the_end(pretrained):
+    rows = [row for row in read_metrics(pretrained.parents[1]) if "knn_top1" in row]
+    assert [row["step"] for row in rows] == [5, 10, 15, 16]
+    assert all(0 <= row["knn_top1"] <= row["knn_top5"] <= 100 for row in rows)
+
+
+def test_knn_monitor_equals_knn_of_directly_encoded_images():
+    cfg = load_config(overrides=[*EVAL_DATA, "monitor.bank_images=40", "monitor.val_images=20", "monitor.k=5", "data.batch_size=16"])
+    torch.manual_seed(0)
+    model = build_model("mae_vit_micro_patch4").train()
+    monitor = KnnMonitor(cfg, parallel.build_accelerator(cfg), model.img_size, model.embed_dim)
+    result = monitor(model)
+    assert model.training  # put back in training mode
+
+    def encoded(split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = replace(cfg.data, batch_size=256)
+        batch = next(iter(build_loader(data, img_size=model.img_size, seed=0, train=False, split=split).epoch(0)))
+        picked = torch.arange(count) * 256 // count  # evenly spaced over the 256 images
+        with torch.no_grad():
+            return model.forward_features(batch.images[picked])[:, 1:].mean(dim=1), batch.labels[picked]
+
+    bank, bank_labels = encoded("train", 40)
+    queries, labels = encoded("val", 20)
+    scores = knn_scores(bank, bank_labels, queries, k=5, temperature=0.07, num_classes=int(torch.cat([bank_labels, labels]).max()) + 1)
+    expected = topk_accuracy(scores, labels)
+    assert result == pytest.approx({"knn_top1": expected["top1"], "knn_top5": expected["top5"]})
 
 
 def test_pretrain_then_linprobe_then_knn_through_the_cli(pretrained, tmp_path):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .ffcv_compat import import_ffcv
-from .loader import Batch, rank_share, sample_mask_seed, shuffled_order
+from .loader import Batch, eval_selection, rank_share, sample_mask_seed, shuffled_order
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, derive_seed
 
 # MAE's RandomResizedCrop aspect ratios (width / height), as torchvision's default.
@@ -106,7 +106,8 @@ class FFCVEpochLoader:
     Train mode: shuffled (``order='random'``) or page-local shuffled
     (``order='quasi_random'``, for files larger than RAM with ``os_cache=False``)
     order, tail dropped so every rank gets ``batches_per_epoch`` full batches. Eval
-    mode: file order, interleaved across ranks, last batch may be short.
+    mode: file order (or ``eval_subset`` evenly spaced samples), interleaved across
+    ranks, last batch may be short.
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class FFCVEpochLoader:
         order: str = "random",
         os_cache: bool = True,
         device: torch.device | None = None,
+        eval_subset: int | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -137,6 +139,7 @@ class FFCVEpochLoader:
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.rank, self.world_size, self.train = int(rank), int(world_size), bool(train)
         self.order = order
+        self.eval_subset = eval_subset
         self._loader = self._build_ffcv_loader(img_size, min_scale, _thread_count(num_workers), os_cache, device)
         self.num_samples = int(self._loader.reader.num_samples)
         self._quasi_random = self._quasi_random_order() if order == "quasi_random" else None
@@ -175,7 +178,7 @@ class FFCVEpochLoader:
     def _count_batches(self) -> int:
         if self.train:
             return self.num_samples // (self.batch_size * self.world_size)
-        return math.ceil(len(range(self.rank, self.num_samples, self.world_size)) / self.batch_size)
+        return math.ceil(len(self.rank_indices(0)) / self.batch_size)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -189,8 +192,12 @@ class FFCVEpochLoader:
     def rank_indices(self, epoch: int) -> torch.Tensor:
         """Dataset indices this rank visits in ``epoch``, in order (int64 tensor)."""
         if not self.train:
-            return torch.arange(self.rank, self.num_samples, self.world_size)
+            return self.eval_selection()[self.rank :: self.world_size]
         return rank_share(self.global_order(epoch), self.batches_per_epoch, self.batch_size, self.rank, self.world_size)
+
+    def eval_selection(self) -> torch.Tensor:
+        """Eval mode: every sample index visited, by all ranks together, in order."""
+        return eval_selection(self.num_samples, self.eval_subset, self.world_size)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Iterate over the batches of ``epoch`` from batch ``start_batch`` on (raises at the call
@@ -232,7 +239,8 @@ def _cuda_device() -> torch.device | None:
 
 
 def build_ffcv_loader(
-    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool, split: str
+    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool, split: str,
+    eval_subset: int | None = None,
 ) -> FFCVEpochLoader:
     """The ``data.kind=ffcv`` entry of ``LOADER_BUILDERS``."""
     min_scale = float(data_cfg.crop_min_scale)
@@ -251,6 +259,7 @@ def build_ffcv_loader(
         order=getattr(data_cfg, "ffcv_order", "random"),
         os_cache=getattr(data_cfg, "ffcv_os_cache", True),
         device=_cuda_device(),
+        eval_subset=eval_subset,
     )
     if train and loader.batches_per_epoch == 0:
         raise ValueError(

@@ -136,6 +136,22 @@ def rank_share(order: torch.Tensor, batches: int, batch_size: int, rank: int, wo
     return order[:used].view(batches, world_size, batch_size)[:, rank].reshape(-1)
 
 
+def eval_selection(num_samples: int, subset: int | None, world_size: int) -> torch.Tensor:
+    """Dataset indices an eval-mode loader visits, in order, before they are dealt to ranks.
+
+    All of them, or ``subset`` evenly spaced ones (a class-balanced sample of a folder whose
+    files are sorted by class), rounded down to a multiple of ``world_size`` so that every
+    process encodes the same number of batches: a sharded model needs all of them in
+    each forward.
+    """
+    if subset is None:
+        return torch.arange(num_samples)
+    count = min(subset, num_samples) // world_size * world_size
+    if count == 0:
+        raise ValueError(f"an eval subset of {subset} of {num_samples} images leaves nothing for {world_size} processes")
+    return torch.arange(count) * num_samples // count
+
+
 def sample_mask_seed(seed: int, epoch: int, index: int) -> int:
     """The mask seed of dataset sample ``index`` in ``epoch`` (what ``Batch.seeds`` holds)."""
     return derive_seed(derive_seed(seed, epoch, index, _AUGMENT_STREAM), _MASK_STREAM)
@@ -147,8 +163,9 @@ class EpochLoader:
     Train mode shuffles with a (seed, epoch) permutation and drops the tail so
     every rank gets exactly ``batches_per_epoch`` full batches; each global batch is
     split into contiguous per-rank slices. Eval mode keeps
-    dataset order, drops nothing, and lets the last batch be short; ranks take
-    interleaved indices, so their batch counts may differ by one.
+    dataset order (or ``eval_subset`` evenly spaced images), drops nothing, and
+    lets the last batch be short; ranks take interleaved indices, so their batch
+    counts may differ by one (not with ``eval_subset``: see :func:`eval_selection`).
     """
 
     def __init__(
@@ -162,6 +179,7 @@ class EpochLoader:
         world_size: int = 1,
         num_workers: int = 0,
         train: bool = True,
+        eval_subset: int | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -177,6 +195,7 @@ class EpochLoader:
         self.world_size = int(world_size)
         self.num_workers = int(num_workers)
         self.train = bool(train)
+        self.eval_subset = eval_subset
         self._samples = _AugmentedSamples(dataset, transform)
         self._warned_paths: set[str] = set()
         self.batches_per_epoch = self._count_batches()
@@ -184,8 +203,7 @@ class EpochLoader:
     def _count_batches(self) -> int:
         if self.train:
             return len(self.dataset) // (self.batch_size * self.world_size)
-        rank_share = len(range(self.rank, len(self.dataset), self.world_size))
-        return math.ceil(rank_share / self.batch_size)
+        return math.ceil(len(self.rank_indices(0)) / self.batch_size)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -193,9 +211,13 @@ class EpochLoader:
     def rank_indices(self, epoch: int) -> torch.Tensor:
         """Dataset indices this rank visits in ``epoch``, in order (int64 tensor)."""
         if not self.train:
-            return torch.arange(self.rank, len(self.dataset), self.world_size)
+            return self.eval_selection()[self.rank :: self.world_size]
         order = shuffled_order(len(self.dataset), self.seed, epoch)
         return rank_share(order, self.batches_per_epoch, self.batch_size, self.rank, self.world_size)
+
+    def eval_selection(self) -> torch.Tensor:
+        """Eval mode: every dataset index visited, by all ranks together, in order."""
+        return eval_selection(len(self.dataset), self.eval_subset, self.world_size)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Iterate over the batches of ``epoch`` from batch ``start_batch`` on.
@@ -254,7 +276,8 @@ def _train_or_eval_transform(data_cfg: Any, img_size: int, train: bool) -> Calla
 
 
 def _epoch_loader(
-    data_cfg: Any, dataset: Dataset, *, img_size: int, seed: int, rank: int, world_size: int, train: bool
+    data_cfg: Any, dataset: Dataset, *, img_size: int, seed: int, rank: int, world_size: int, train: bool,
+    eval_subset: int | None,
 ) -> EpochLoader:
     """Wrap a dataset with the right transform and check the epoch is not empty."""
     loader = EpochLoader(
@@ -266,6 +289,7 @@ def _epoch_loader(
         world_size=world_size,
         num_workers=_positive_int(data_cfg, "num_workers", minimum=0),
         train=train,
+        eval_subset=eval_subset,
     )
     if train and loader.batches_per_epoch == 0:
         raise ValueError(
@@ -276,24 +300,28 @@ def _epoch_loader(
 
 
 def _build_synthetic(
-    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool, split: str
+    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool, split: str,
+    eval_subset: int | None = None,
 ) -> EpochLoader:
     size = _positive_int(data_cfg, "synthetic_size")
     dataset_seed = SYNTHETIC_TRAIN_SEED if split == "train" else SYNTHETIC_EVAL_SEED
     dataset = SyntheticShapes(size, img_size, seed=dataset_seed)
     return _epoch_loader(
-        data_cfg, dataset, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train
+        data_cfg, dataset, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train,
+        eval_subset=eval_subset,
     )
 
 
 def _build_folder(
-    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool, split: str
+    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool, split: str,
+    eval_subset: int | None = None,
 ) -> EpochLoader:
     if data_cfg.path is None:
         raise ValueError("data.path is required when data.kind is 'folder'")
     dataset = ImageFolderDataset(data_cfg.path, split=split)
     return _epoch_loader(
-        data_cfg, dataset, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train
+        data_cfg, dataset, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train,
+        eval_subset=eval_subset,
     )
 
 
@@ -322,19 +350,26 @@ def build_loader(
     world_size: int = 1,
     train: bool = True,
     split: str | None = None,
+    eval_subset: int | None = None,
 ) -> EpochLoader:
     """Build the epoch loader described by ``data_cfg`` for one rank.
 
     ``train`` chooses augmentation, shuffling and tail dropping; ``split`` chooses the
     images ("train" or "val", default: "train" when ``train`` else "val"), so that
     un-augmented training images (e.g. for reconstruction figures) are one call away.
+    ``eval_subset`` (eval mode only) visits that many evenly spaced images of the split.
     """
     split = split or ("train" if train else "val")
     builder = LOADER_BUILDERS.get(data_cfg.kind)
     if builder is None:
         known = ", ".join(sorted(LOADER_BUILDERS))
         raise ValueError(f"unknown data.kind {data_cfg.kind!r}; known kinds: {known}")
-    return builder(data_cfg, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train, split=split)
+    if eval_subset is not None and train:
+        raise ValueError("eval_subset applies to eval-mode loaders (train=False) only")
+    return builder(
+        data_cfg, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train, split=split,
+        eval_subset=eval_subset,
+    )
 
 
 def first_images(data_cfg: Any, *, img_size: int, seed: int, count: int, split: str = "train") -> torch.Tensor:

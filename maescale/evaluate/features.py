@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import parallel
 from ..checkpoint import load_model_weights
 from ..config import ConfigError, load_config
 from ..data import EpochLoader, build_loader
@@ -60,8 +61,9 @@ def pooled(tokens: Tensor, pool: str) -> Tensor:
 
 
 @torch.no_grad()
-def encode(model: MaskedAutoencoderViT, images: Tensor, pool: str) -> Tensor:
-    return pooled(model.forward_features(images), pool).float()
+def encode(model: torch.nn.Module, images: Tensor, pool: str) -> Tensor:
+    """Pooled features of `images`; `model` is an MAE or a sharding wrapper around one."""
+    return pooled(model(images, features_only=True), pool).float()
 
 
 def eval_loader(cfg: EvalConfig, img_size: int, split: str, accelerator: Accelerator) -> EpochLoader:
@@ -73,20 +75,22 @@ def eval_loader(cfg: EvalConfig, img_size: int, split: str, accelerator: Acceler
 
 
 def extract_features(
-    model: MaskedAutoencoderViT, loader: EpochLoader, pool: str, accelerator: Accelerator, desc: str
+    model: torch.nn.Module, loader: EpochLoader, pool: str, accelerator: Accelerator, desc: str, dim: int
 ) -> tuple[Tensor, Tensor]:
-    """(features [N, D], labels [N]) of the whole split, in dataset order, on every process."""
+    """(features [N, dim], labels [N]) of the images the eval `loader` visits (the split or its
+    `eval_subset`), in its order, on every process."""
     features, labels = [], []
-    bar = tqdm(loader.epoch(0), total=len(loader), desc=desc, unit="batch", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = tqdm(loader.epoch(0), total=len(loader), desc=desc, unit="batch", disable=not accelerator.is_main_process, dynamic_ncols=True, leave=False)
     for batch in bar:
-        features.append(encode(model, batch.images.to(accelerator.device), pool).cpu())
+        images = batch.images.to(accelerator.device, parallel.input_dtype(accelerator))
+        features.append(encode(model, images, pool).cpu())
         labels.append(batch.labels)
-    dim = model.cls_token.shape[-1]
     local_features = torch.cat(features) if features else torch.zeros(0, dim)
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
-    indices = loader.rank_indices(0)
-    total = len(loader.dataset)
-    return gather_in_order(local_features, indices, total), gather_in_order(local_labels, indices, total)
+    # This process encoded every world_size-th image of the loader's selection.
+    total = len(loader.eval_selection())
+    positions = torch.arange(accelerator.process_index, total, accelerator.num_processes)
+    return gather_in_order(local_features, positions, total), gather_in_order(local_labels, positions, total)
 
 
 FEATURE_CACHE = "features"
@@ -103,7 +107,9 @@ def split_features(model: MaskedAutoencoderViT, cfg: EvalConfig, split: str, run
             run.print(f"features of {split} read from {path}")
             return cached["features"], cached["labels"]
     loader = eval_loader(cfg, model.img_size, split, run.accelerator)
-    features, labels = extract_features(model, loader, cfg.encoder.pool, run.accelerator, f"features ({split})")
+    features, labels = extract_features(
+        model, loader, cfg.encoder.pool, run.accelerator, f"features ({split})", model.embed_dim
+    )
     if run.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"key": key, "features": features, "labels": labels}, path)

@@ -236,6 +236,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
+        self.embed_dim = embed_dim
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
         self.mask_ratio = mask_ratio
@@ -436,18 +437,23 @@ class MaskedAutoencoderViT(nn.Module):
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(
-        self, imgs: Tensor, mask_ratio: float | None = None, noise: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, imgs: Tensor, mask_ratio: float | None = None, noise: Tensor | None = None, *, features_only: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor] | Tensor:
         """Full MAE step.
 
         Args:
             imgs: ``[N, C, H, W]``.
             mask_ratio: defaults to ``self.mask_ratio``.
             noise: optional ``[N, L]`` masking noise (for reproducibility).
+            features_only: return :meth:`forward_features` instead; the way to encode whole
+                images through a sharding wrapper (FSDP2, DeepSpeed), whose weight-gathering
+                hooks run on ``forward`` only.
 
         Returns:
             loss (scalar), pred ``[N, L, p*p*C]``, mask ``[N, L]``.
         """
+        if features_only:
+            return self.forward_features(imgs)
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         if self.mask_tokens_in_encoder:
             latent, mask = self.forward_encoder_with_mask_tokens(imgs, ratio, noise)
