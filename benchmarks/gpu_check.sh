@@ -5,6 +5,7 @@
 #   2. encoder: encoder-only vs mask tokens in the encoder, ViT-L and ViT-H, batch 64
 #   3. fsdp2:   FSDP2 over one GPU at the best batch (bf16 parameters, fp32 reduction)
 #   4. best:    plain step at the best batch, eager vs torch.compile, interleaved
+#   5. masking noise: the device-side hash vs per-sample host generators (seconds)
 # Results: OUT_DIR/table.md (Markdown) and OUT_DIR/results.jsonl.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # GPU_CHECK_ARGS adds arguments to every section (a test runs it on CPU with a tiny model).
@@ -23,4 +24,5 @@ section sweep 100
 section encoder 80 --models mae_vit_large_patch16 mae_vit_huge_patch14
 section fsdp2 100
 section best 170
+timeout 30 python benchmarks/mask_noise.py | tee -a "$out/table.md"
 echo "done" | tee -a "$out/table.md"

@@ -165,7 +165,7 @@ def train_step(
     total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(batches):
         images = batch.images.to(accelerator.device, parallel.input_dtype(accelerator), non_blocking=True)
-        noise = batch.mask_noise(num_patches).to(accelerator.device, non_blocking=True)
+        noise = batch.mask_noise(num_patches, accelerator.device)
         with no_gradient_sync(model, accelerator, skip=i < len(batches) - 1):
             loss, _, _ = model(images, noise=noise)
             accelerator.backward(loss / len(batches))

@@ -45,6 +45,37 @@ def derive_seed(*parts: int) -> int:
     return state >> 1
 
 
+def _as_int64(value: int) -> int:
+    """The int64 with the bits of a uint64 constant (torch has no uint64 arithmetic)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors read as uint64 (`>>` is arithmetic on int64)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64_tensor(x: torch.Tensor) -> torch.Tensor:
+    """`_splitmix64` elementwise on an int64 tensor (integer products wrap modulo 2^64)."""
+    x = x + _as_int64(0x9E3779B97F4A7C15)
+    x = (x ^ _shift_right(x, 30)) * _as_int64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _as_int64(0x94D049BB133111EB)
+    return x ^ _shift_right(x, 31)
+
+
+def mask_noise(seeds: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[B, num_patches] uniform noise in [0, 1) from [B] int64 seeds, on the seeds' device.
+
+    Element (i, j) is the top 24 bits of ``_splitmix64(_splitmix64(seeds[i]) ^ j)``: a
+    counter-based hash, so the noise is a pure function of the sample and the patch, drawn
+    on the GPU in a few integer kernels for the whole batch (no generator per sample on the
+    host, no copy of the noise to the device).
+    """
+    patch = torch.arange(num_patches, dtype=torch.int64, device=seeds.device)
+    bits = _splitmix64_tensor(_splitmix64_tensor(seeds.to(torch.int64)).unsqueeze(1) ^ patch)
+    return _shift_right(bits, 40).to(torch.float32) * 2.0**-24
+
+
 def seeded_generator(*parts: int) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with ``derive_seed(*parts)``."""
     return torch.Generator().manual_seed(derive_seed(*parts))
