@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--strategy", choices=["plain", "fsdp2"], default="plain", help="fsdp2: shard per block over a process group of one")
     p.add_argument("--attention", choices=["sdpa", "explicit"], default="sdpa", help="fused scaled_dot_product_attention or explicit softmax")
-    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None, help="fused AdamW kernel (default: on CUDA only)")
+    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True, help="fused AdamW kernel (default, as optim.fused)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass")
     p.add_argument("--mask-tokens-in-encoder", action="store_true", help="the paper's baseline: the encoder also sees mask tokens")
     p.set_defaults(func=cmd_bench)

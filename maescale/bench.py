@@ -37,7 +37,7 @@ class StepVariant:
 
     attention: str = "sdpa"  # "sdpa": fused scaled_dot_product_attention; "explicit": q @ k^T, softmax, @ v
     compile: bool = False
-    fused_adamw: bool | None = None  # None: fused on CUDA, torch's default (foreach) elsewhere
+    fused_adamw: bool = True  # as the trainer (optim.fused); False: torch's default implementation
     activation_checkpointing: bool = False
     mask_tokens_in_encoder: bool = False  # the paper's "w/ [M] in encoder" baseline
     # False times forward + backward only: the per-image work, which is what large batches
@@ -85,15 +85,13 @@ class StepBench:
             shard_fsdp2_single_process(self.model, precision, self.device)
         size = self.model.img_size
         self.images = torch.randn(batch_size, 3, size, size, device=self.device)
-        self._optimizers: dict[bool | None, torch.optim.Optimizer] = {}
+        self._optimizers: dict[bool, torch.optim.Optimizer] = {}
         self._compiled: torch.nn.Module | None = None
 
-    def optimizer(self, fused: bool | None) -> torch.optim.Optimizer:
-        if fused is None:
-            fused = True if self.device.type == "cuda" else None
+    def optimizer(self, fused: bool) -> torch.optim.Optimizer:
         if fused not in self._optimizers:
             self._optimizers[fused] = torch.optim.AdamW(
-                param_groups(self.model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused
+                param_groups(self.model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused or None
             )
         return self._optimizers[fused]
 
