@@ -245,6 +245,10 @@ def test_eval_batches_are_center_crops_covering_every_image(written):
     with deadline(300):
         loader = FFCVEpochLoader(written[0], img_size=IMG_SIZE, batch_size=8, seed=0, num_workers=1, train=False)
         batches = [list(loader.epoch(e)) for e in (0, 1)]
+        # eval_subset (the kNN monitor's): the same center crops of evenly spaced images
+        subset = FFCVEpochLoader(written[0], img_size=IMG_SIZE, batch_size=4, seed=0, num_workers=1, train=False, eval_subset=5)
+        picked = torch.cat([b.images for b in subset.epoch(0)])
+    assert torch.equal(picked, torch.cat([b.images for b in batches[0]])[subset.eval_selection()])
     assert [len(b.labels) for b in batches[0]] == [8] * (count // 8) + [count % 8]
     assert torch.cat([b.labels for b in batches[0]]).tolist() == stored_labels(written[0]).tolist()
     for a, b in zip(*batches):
