@@ -1,36 +1,68 @@
 """`maescale` / `python -m maescale`: the command-line entry point.
 
-Each subcommand parses its arguments, builds what it needs and runs; the work
-itself lives in the modules (train.py, viz.py, bench.py).
+Each subcommand parses its arguments, builds what it needs and runs; the work itself lives in
+the modules (train.py, viz.py, interop.py, evaluate/, bench.py, data/ffcv_writer.py). A user
+error (errors.USER_ERRORS) ends the command with one line, `maescale <command>: error: ...`,
+and exit code 2; anything else is a defect and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
+import warnings
 
-from .config import describe_keys, load_config
-from .errors import USER_ERRORS
+from .config import describe_keys, load_config, required_extras
+from .errors import USER_ERRORS, require_extra
 
-
-def _keys_epilog(schema=None) -> str:
-    lines = ["config keys (set in the YAML file or as key=value overrides):"]
-    for key, default, help_text in describe_keys(schema() if schema else None):
-        lines.append(f"  {key} = {default!r}\n      {help_text}")
-    return "\n".join(lines)
+USER_ERROR_EXIT = 2
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, examples: str = "configs/pretrain/") -> None:
-    parser.add_argument("--config", help=f"YAML config file (see {examples})")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. optim.blr=1e-4 train.max_steps=50")
+# ---------------------------------------------------------------- console
+
+
+def configure_console() -> None:
+    """Notices as one `LEVEL: message` line each on stderr; Python warnings through the same path.
+
+    Only maescale's own loggers report INFO; libraries keep their warnings and errors.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("maescale").setLevel(logging.INFO)
+    warnings.formatwarning = _one_line_warning
+    logging.captureWarnings(True)
+    silence_uninformative_warnings()
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # The default format adds the source line that raised the warning (e.g. `return func(*args,
+    # **kwargs)` inside a library), which tells a user nothing: keep the message and its origin.
+    return f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})"
+
+
+def silence_uninformative_warnings() -> None:
+    """Ignore third-party warnings that describe intended behaviour; each filter says why."""
+    # torch.distributed.checkpoint on a single-process load (visualize, export, evaluation, a
+    # one-process resume): loading in one process is exactly what is meant.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def check_extras(cfg) -> None:
+    """The optional packages a config needs, imported now: a missing one is a user error up front."""
+    for module, extra, needed_for in required_extras(cfg):
+        require_extra(module, extra, needed_for)
+
+
+# ---------------------------------------------------------------- commands
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    check_extras(cfg)
     from .train import pretrain
 
-    cfg = load_config(args.config, args.overrides)
     summary = pretrain(cfg)
     print(f"finished at step {summary['step']}; checkpoint: {summary['checkpoint']}; figure: {summary['figure']}")
     if summary["stopped_by"]:
@@ -40,15 +72,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from .visualize import visualize
+    from .viz import visualize
 
-    path = visualize(args.config, args.overrides, ckpt=args.ckpt, out=args.out, images=args.images, num_images=args.num_images, seed=args.seed)
+    path = visualize(args.config, args.overrides, ckpt=args.ckpt, out=args.out, images=args.images,
+                     num_images=args.num_images, seed=args.seed)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .interop import export
 
     path = export(args.ckpt, args.out, fmt=args.format, config=args.config)
     print(f"wrote {path}")
@@ -66,12 +99,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate.config import EvalConfig
+
+    cfg = load_config(args.config, args.overrides, schema=EvalConfig)
+    check_extras(cfg)
     from .evaluate.finetune import finetune
     from .evaluate.knn import knn
     from .evaluate.linprobe import linprobe
 
     protocols = {"linprobe": linprobe, "knn": knn, "finetune": finetune}
-    protocols[args.command](load_config(args.config, args.overrides, schema=EvalConfig))
+    protocols[args.command](cfg)
     return 0
 
 
@@ -102,50 +138,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_write_beton(args: argparse.Namespace) -> int:
     from .data.ffcv_writer import BetonOptions, write_beton
 
-    try:
-        options = BetonOptions(
-            max_resolution=args.max_resolution,
-            resize_side=args.resize_side,
-            jpeg_quality=args.jpeg_quality,
-            write_mode=args.write_mode,
-            compress_probability=args.compress_probability,
-            num_workers=args.workers,
-        )
-        summary = write_beton(args.src, args.out, options, subset=args.subset, split=args.split)
-    except (ValueError, RuntimeError, ImportError) as error:
-        print(f"maescale write-beton: error: {error}", file=sys.stderr)
-        return 2
+    options = BetonOptions(
+        max_resolution=args.max_resolution,
+        resize_side=args.resize_side,
+        jpeg_quality=args.jpeg_quality,
+        write_mode=args.write_mode,
+        compress_probability=args.compress_probability,
+        num_workers=args.workers,
+    )
+    summary = write_beton(args.src, args.out, options, subset=args.subset, split=args.split)
     for path, error in summary.skipped:
-        print(f"skipped unreadable image {path}: {error}", file=sys.stderr)
-    print(f"wrote {summary.out}: {summary.written} images, {len(summary.classes)} classes; skipped {len(summary.skipped)} unreadable")
+        logging.getLogger("maescale").warning("unreadable image %s skipped: %s", path, error)
+    print(f"wrote {summary.out}: {summary.written} images, {len(summary.classes)} classes; "
+          f"skipped {len(summary.skipped)} unreadable")
     return 0
 
 
-def _add_write_beton_parser(sub) -> None:
-    p = sub.add_parser(
-        "write-beton",
-        help="convert an ImageNet-layout folder to an FFCV .beton file (for data.kind=ffcv)",
-        description="Store <src>/<class>/*.jpg as an FFCV file with 'image' and 'label' fields (labels: sorted "
-        "class folders). Unreadable or truncated images are reported and skipped. The same folder and options "
-        "always give the same file.",
-    )
-    p.add_argument("--src", required=True, help="folder of class folders (or of split folders, with --split)")
-    p.add_argument("--out", required=True, help="file to write, e.g. data/train.beton")
-    p.add_argument("--split", default=None, help="use <src>/<split> (e.g. train or val) when present")
-    p.add_argument("--max-resolution", type=int, default=256, help="shrink images so that --resize-side is at most this many pixels")
-    p.add_argument("--resize-side", choices=["short", "long"], default="short", help="short: ImageNet-style short side (default); long: FFCV's own max-side rule")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images")
-    p.add_argument("--write-mode", choices=["jpg", "raw", "proportion"], default="jpg", help="jpg: JPEG (small, fast decode); raw: pixels (large, no decode); proportion: JPEG for a fraction of images")
-    p.add_argument("--compress-probability", type=float, default=0.5, help="fraction stored as JPEG with --write-mode proportion")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes decoding and resizing images")
-    p.add_argument("--subset", type=int, default=None, help="only this many images, evenly spread over the sorted files (quick tries)")
-    p.set_defaults(func=cmd_write_beton)
+# ---------------------------------------------------------------- parsers, one per command
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maescale", description="Masked Autoencoder pretraining for Vision Transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+def _keys_epilog(schema=None) -> str:
+    lines = ["config keys (set in the YAML file or as key=value overrides):"]
+    for key, default, help_text in describe_keys(schema() if schema else None):
+        lines.append(f"  {key} = {default!r}\n      {help_text}")
+    return "\n".join(lines)
 
+
+def _add_config_arguments(parser: argparse.ArgumentParser, examples: str = "configs/pretrain/") -> None:
+    parser.add_argument("--config", help=f"YAML config file (see {examples})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotlist overrides, e.g. optim.blr=1e-4 train.max_steps=50")
+
+
+def _add_pretrain_parser(sub) -> None:
     p = sub.add_parser(
         "pretrain",
         help="pretrain an MAE (resumes automatically from output_dir)",
@@ -156,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p)
     p.set_defaults(func=cmd_pretrain)
 
+
+def _add_visualize_parser(sub) -> None:
     p = sub.add_parser(
         "visualize",
         help="reconstruction figure from a checkpoint",
@@ -170,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p)
     p.set_defaults(func=cmd_visualize)
 
+
+def _add_export_parser(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write a checkpoint as one ordinary file",
@@ -178,12 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ckpt", required=True, help="checkpoint folder (output_dir/checkpoints/step_XXXXXXXX)")
     p.add_argument("--format", choices=["consolidated", "timm", "release"], default="consolidated",
-                   help="consolidated: full MAE, safetensors; timm: the encoder, safetensors that timm's VisionTransformer("
-                   "num_classes=0) loads strictly; release: full MAE as {'model': state_dict} (.pth), the official layout")
+                   help="consolidated: full MAE, safetensors; timm: the encoder, safetensors that timm's "
+                   "VisionTransformer(num_classes=0) loads strictly; release: full MAE as {'model': state_dict} "
+                   "(.pth), the official layout")
     p.add_argument("--out", required=True, help="file to write (.safetensors, or .pth for release)")
     p.add_argument("--config", help="config of the run (default: the run's config.yaml)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_import_parser(sub) -> None:
     p = sub.add_parser(
         "import",
         help="turn an official MAE weights file into a maescale run",
@@ -196,19 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="pretraining config the run continues with (default: the built-in defaults)")
     p.set_defaults(func=cmd_import)
 
+
+EVALUATIONS = (
+    ("linprobe", "linear probe of the frozen encoder (BatchNorm + linear head, LARS): top-1 / top-5"),
+    ("knn", "weighted kNN classification on the encoder's normalised features: top-1 / top-5"),
+    ("finetune", "fine-tune the encoder end to end (layer decay, drop path, mixup/cutmix, label smoothing)"),
+)
+
+
+def _add_evaluation_parsers(sub) -> None:
     from .evaluate.config import EvalConfig
 
-    for name, summary in [
-        ("linprobe", "linear probe of the frozen encoder (BatchNorm + linear head, LARS): top-1 / top-5"),
-        ("knn", "weighted kNN classification on the encoder's normalised features: top-1 / top-5"),
-        ("finetune", "fine-tune the encoder end to end (layer decay, drop path, mixup/cutmix, label smoothing)"),
-    ]:
-        p = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. Defaults <- --config YAML <- key=value overrides; "
-                           "results go to output_dir/metrics.jsonl and are printed.",
-                           epilog=_keys_epilog(EvalConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, summary in EVALUATIONS:
+        description = (f"{summary[0].upper()}{summary[1:]}. Defaults <- --config YAML <- key=value overrides; "
+                       "results go to output_dir/metrics.jsonl and are printed.")
+        p = sub.add_parser(name, help=summary, description=description, epilog=_keys_epilog(EvalConfig),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_arguments(p, "configs/eval/")
         p.set_defaults(func=cmd_evaluate)
 
+
+def _add_bench_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="steady-state training throughput of one model step",
@@ -221,24 +261,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--strategy", choices=["plain", "fsdp2"], default="plain", help="fsdp2: shard per block over a process group of one")
-    p.add_argument("--attention", choices=["sdpa", "explicit"], default="sdpa", help="fused scaled_dot_product_attention or explicit softmax")
-    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True, help="fused AdamW kernel (default, as optim.fused)")
+    p.add_argument("--strategy", choices=["plain", "fsdp2"], default="plain",
+                   help="fsdp2: shard per block over a process group of one")
+    p.add_argument("--attention", choices=["sdpa", "explicit"], default="sdpa",
+                   help="fused scaled_dot_product_attention or explicit softmax")
+    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
+                   help="fused AdamW kernel (default, as optim.fused)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass")
-    p.add_argument("--mask-tokens-in-encoder", action="store_true", help="the paper's baseline: the encoder also sees mask tokens")
+    p.add_argument("--mask-tokens-in-encoder", action="store_true",
+                   help="the paper's baseline: the encoder also sees mask tokens")
     p.set_defaults(func=cmd_bench)
 
-    _add_write_beton_parser(sub)
+
+def _add_write_beton_parser(sub) -> None:
+    p = sub.add_parser(
+        "write-beton",
+        help="convert an ImageNet-layout folder to an FFCV .beton file (for data.kind=ffcv)",
+        description="Store <src>/<class>/*.jpg as an FFCV file with 'image' and 'label' fields (labels: sorted "
+        "class folders). Unreadable or truncated images are reported and skipped. The same folder and options "
+        "always give the same file.",
+    )
+    p.add_argument("--src", required=True, help="folder of class folders (or of split folders, with --split)")
+    p.add_argument("--out", required=True, help="file to write, e.g. data/train.beton")
+    p.add_argument("--split", default=None, help="use <src>/<split> (e.g. train or val) when present")
+    p.add_argument("--max-resolution", type=int, default=256,
+                   help="shrink images so that --resize-side is at most this many pixels")
+    p.add_argument("--resize-side", choices=["short", "long"], default="short",
+                   help="short: ImageNet-style short side (default); long: FFCV's own max-side rule")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images")
+    p.add_argument("--write-mode", choices=["jpg", "raw", "proportion"], default="jpg",
+                   help="jpg: JPEG (small, fast decode); raw: pixels (large, no decode); proportion: JPEG for a "
+                   "fraction of images")
+    p.add_argument("--compress-probability", type=float, default=0.5,
+                   help="fraction stored as JPEG with --write-mode proportion")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes decoding and resizing images")
+    p.add_argument("--subset", type=int, default=None,
+                   help="only this many images, evenly spread over the sorted files (quick tries)")
+    p.set_defaults(func=cmd_write_beton)
+
+
+SUBCOMMAND_PARSERS = (
+    _add_pretrain_parser,
+    _add_visualize_parser,
+    _add_export_parser,
+    _add_import_parser,
+    _add_evaluation_parsers,
+    _add_bench_parser,
+    _add_write_beton_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maescale", description="Masked Autoencoder pretraining for Vision Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for add_parser in SUBCOMMAND_PARSERS:
+        add_parser(sub)
     return parser
 
 
+def user_error_line(command: str, error: BaseException) -> str:
+    """`maescale <command>: error: <message>` on one line, whatever the message holds."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    return f"maescale {command}: error: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except USER_ERRORS as error:
-        print(f"maescale {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        print(user_error_line(args.command, error), file=sys.stderr)
+        return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

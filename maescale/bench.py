@@ -13,8 +13,6 @@ ratios are medians of per-round ratios.
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 import time
 from contextlib import nullcontext
@@ -23,9 +21,10 @@ from typing import Callable
 
 import torch
 
+from . import parallel
 from .metrics import device_peak_flops, mae_train_flops_per_image
 from .models import build_model
-from .optim import param_groups
+from .optim import LocalShardAdamW, param_groups
 
 ATTENTION_KERNELS = ("sdpa", "explicit")
 STRATEGIES = ("plain", "fsdp2")
@@ -81,8 +80,10 @@ class StepBench:
         # Built with the encoder's mask token so that every variant can run on it; the
         # default path never touches that parameter (its gradient stays None, AdamW skips it).
         self.model = build_model(model_name, mask_tokens_in_encoder=True, **model_overrides).to(self.device)
-        if strategy == "fsdp2":
-            shard_fsdp2_single_process(self.model, precision, self.device)
+        if strategy == "fsdp2":  # over a process group of one: FSDP2's own cost, without a second device
+            parallel.start_process_group_of_one(self.device)
+            mesh = parallel.device_mesh(1, self.device.type)
+            parallel.shard_fsdp2(self.model, mesh, parallel.FSDP2Options(precision=precision))
         size = self.model.img_size
         self.images = torch.randn(batch_size, 3, size, size, device=self.device)
         self._optimizers: dict[bool, torch.optim.Optimizer] = {}
@@ -90,7 +91,7 @@ class StepBench:
 
     def optimizer(self, fused: bool) -> torch.optim.Optimizer:
         if fused not in self._optimizers:
-            self._optimizers[fused] = torch.optim.AdamW(
+            self._optimizers[fused] = LocalShardAdamW(
                 param_groups(self.model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused or None
             )
         return self._optimizers[fused]
@@ -138,33 +139,6 @@ class StepBench:
 
     def device_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-
-
-def shard_fsdp2_single_process(model: torch.nn.Module, precision: str, device: torch.device) -> None:
-    """FSDP2 over a process group of one, sharded per block like the trainer does.
-
-    Measures FSDP2's own cost (per-block all-gather / reduce-scatter bookkeeping, bf16
-    casts) without a second device; starts the group when no launcher did.
-    """
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if not dist.is_initialized():
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
-    policy = MixedPrecisionPolicy()
-    if precision == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in [*model.blocks, *model.decoder_blocks]:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

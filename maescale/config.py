@@ -88,6 +88,7 @@ class ParallelConfig:
     activation_checkpointing: bool = opt(False, "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).")
     replicate_degree: int = opt(1, "FSDP2: >1 gives HSDP, replicas of this many groups, each sharding the model (e.g. nodes); must divide the process count.")
     cpu_offload: bool = opt(False, "FSDP2: keep sharded weights, gradients and optimizer state in host memory and step the optimizer there (fits larger models on fewer GPUs, slower steps).")
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "Process-group backend: auto picks nccl when every process on the node has a GPU of its own, otherwise gloo with the processes computing on the CPU (e.g. 2-process tests on a 1-GPU machine); nccl or gloo forces it.")
     reshard_after_forward: bool = opt(True, "FSDP2: free gathered block weights after forward (ZeRO-3 style); False keeps them until backward (ZeRO-2 style, more memory, less communication).")
 
 
@@ -98,8 +99,28 @@ class CheckpointConfig:
     resume: str = opt("auto", "'auto' resumes from the newest complete checkpoint in output_dir, 'none' starts fresh, or a checkpoint folder path.")
 
 
+Pool = Literal["cls", "mean"]
+
+
+def pool_option() -> Any:
+    """The image feature of the kNN monitor and the evaluation commands: one default for both."""
+    return opt(
+        "mean",
+        "Feature of an image: the mean of the patch tokens, or the cls token (the paper's linear probe). On CIFAR-10 "
+        "mean is 3-4 points better in kNN and equal in the linear probe (docs/RESULTS.md).",
+    )
+
+
 @dataclass
-class MonitorConfig:
+class KnnConfig:
+    k: int = opt(20, "Neighbours that vote (Wu et al. 2018; DINO, Caron et al. 2021: 20).")
+    temperature: float = opt(0.07, "Vote weight exp(cosine / temperature) (same references: 0.07).")
+
+
+@dataclass
+class MonitorConfig(KnnConfig):
+    """The kNN protocol of `maescale knn` (k, temperature, pool) on fewer images, during pretraining."""
+
     knn_every: Optional[int] = opt(
         None,
         "Optimizer steps between kNN checks of the encoder on labelled held-out images (null = off; one also runs "
@@ -109,9 +130,7 @@ class MonitorConfig:
     val_split: str = opt("val", "Split classified by its neighbours in the bank (e.g. val, or test for CIFAR-10).")
     bank_images: int = opt(5000, "Evenly spaced images of bank_split encoded at each check.")
     val_images: int = opt(1000, "Evenly spaced images of val_split classified at each check.")
-    pool: Literal["cls", "mean"] = opt("mean", "Feature of an image: the cls token or the mean of the patch tokens.")
-    k: int = opt(20, "Neighbours that vote (as `maescale knn`).")
-    temperature: float = opt(0.07, "Vote weight exp(cosine / temperature) (as `maescale knn`).")
+    pool: Pool = pool_option()
 
 
 @dataclass
@@ -142,19 +161,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     cfg = (schema or Config)()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(tree).__name__}")
+        tree = read_yaml_file(Path(path))
         tree.pop(DERIVED, None)  # informational values written by save_resolved
         _merge_tree(cfg, tree, prefix="")
     for item in overrides:
         key, value = _split_override(item)
-        set_key(cfg, key, yaml.safe_load(value) if value != "" else "")
+        set_key(cfg, key, _parse_yaml(value, f"override {item!r}") if value != "" else "")
     validate(cfg) if isinstance(cfg, Config) else cfg.validate()
     return cfg
+
+
+def read_yaml_file(path: Path) -> dict:
+    """The mapping a YAML config file holds; a missing file or bad YAML is a ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    tree = _parse_yaml(path.read_text(), str(path)) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(tree).__name__}")
+    return tree
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
 
 
 def _split_override(item: str) -> tuple[str, str]:
@@ -245,15 +279,40 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 # ---------------------------------------------------------------- validation
 
 
+def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first check that is False."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def check_data(data: DataConfig) -> None:
+    """The data checks of every command and of `build_loader`: their one home."""
+    raise_first_failure([
+        (data.batch_size > 0, "data.batch_size must be positive"),
+        (data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (data.synthetic_size > 0, "data.synthetic_size must be positive"),
+        (0.0 < data.crop_min_scale <= 1.0, "data.crop_min_scale must be in (0, 1]"),
+        (data.kind not in ("folder", "ffcv") or data.path,
+         f"data.path is required when data.kind={data.kind} (folder: <root>/<class>/*.jpg; ffcv: a .beton file or "
+         "a folder of <split>.beton)"),
+        (data.kind != "ffcv" or data.ffcv_order != "quasi_random" or not data.ffcv_os_cache,
+         "data.ffcv_order=quasi_random needs data.ffcv_os_cache=false (it orders by pages read into process memory)"),
+    ])
+
+
+def knn_checks(knn: KnnConfig, section: str) -> list[tuple[bool, str]]:
+    return [
+        (knn.k > 0, f"{section}.k must be positive"),
+        (knn.temperature > 0, f"{section}.temperature must be positive"),
+    ]
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values with the key's name, before any work starts."""
-    checks = [
+    check_data(cfg.data)
+    raise_first_failure([
         (0.0 < cfg.model.mask_ratio < 1.0, "model.mask_ratio must be in (0, 1)"),
-        (cfg.data.batch_size > 0, "data.batch_size must be positive"),
-        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (cfg.data.synthetic_size > 0, "data.synthetic_size must be positive"),
-        (0.0 < cfg.data.crop_min_scale <= 1.0, "data.crop_min_scale must be in (0, 1]"),
-        (cfg.data.kind != "folder" or cfg.data.path, "data.path is required when data.kind=folder"),
         (cfg.optim.blr > 0, "optim.blr must be positive"),
         (cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr must be positive"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
@@ -276,15 +335,21 @@ def validate(cfg: Config) -> None:
         (cfg.monitor.knn_every is None or cfg.monitor.knn_every > 0, "monitor.knn_every must be positive or null"),
         (cfg.monitor.bank_images > 0, "monitor.bank_images must be positive"),
         (cfg.monitor.val_images > 0, "monitor.val_images must be positive"),
-        (cfg.monitor.k > 0, "monitor.k must be positive"),
-        (cfg.monitor.temperature > 0, "monitor.temperature must be positive"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+        *knn_checks(cfg.monitor, "monitor"),
+    ])
     img, patch = cfg.model.img_size, cfg.model.patch_size
     if img is not None and patch is not None and img % patch:
         raise ConfigError(f"model.img_size={img} is not divisible by model.patch_size={patch}")
+
+
+def required_extras(cfg: Any) -> list[tuple[str, str, str]]:
+    """(module, extra, what needs it) for the optional packages a config uses."""
+    needed = []
+    if getattr(getattr(cfg, "parallel", None), "strategy", None) == "deepspeed":
+        needed.append(("deepspeed", "deepspeed", "parallel.strategy=deepspeed"))
+    if cfg.data.kind == "ffcv":
+        needed.append(("ffcv", "ffcv", "data.kind=ffcv"))
+    return needed
 
 
 # ---------------------------------------------------------------- output

@@ -1,5 +1,7 @@
-"""Moving weights between maescale, the official MAE release files and timm.
+"""Weights in and out of maescale: single files from checkpoints, timm, the official MAE release files.
 
+- consolidated: a (possibly sharded) checkpoint of any strategy as one safetensors file of the
+  full MAE, official key names (`export_consolidated`);
 - timm: the encoder part of the MAE (official key names) is exactly the state dict of
   timm's `VisionTransformer(num_classes=0)`; `timm_kwargs` says how to build that model.
 - official release: a `.pth` file holding `{'model': state_dict}` with the encoder only
@@ -11,17 +13,21 @@
 from __future__ import annotations
 
 import json
-import warnings
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import ConfigError
+from .checkpoint import load_model_weights
+from .config import Config, ConfigError, load_config
 from .models import MaskedAutoencoderViT, build_model, is_encoder_key
+
+logger = logging.getLogger(__name__)
 
 TIMM_FORMAT = "timm"
 METADATA_FORMAT = "format"
@@ -33,6 +39,45 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 class WeightsMismatchError(ConfigError):
     """A weights file does not fit the model it is loaded into (names the keys); a user error
     like a bad config value, so the CLI reports it without a traceback."""
+
+
+# ---------------------------------------------------------------- run folders
+
+
+def run_config_of(ckpt: Path) -> Path | None:
+    """The resolved config.yaml of the run that wrote `ckpt` (output_dir/checkpoints/step_X)."""
+    candidate = ckpt.parent.parent / "config.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def load_run_model(ckpt: Path, config: str | None = None, overrides=()) -> tuple[Config, nn.Module]:
+    """Build the run's model (from its config.yaml unless `config` is given) with the checkpoint's weights."""
+    cfg = load_config(config or run_config_of(ckpt), overrides)
+    model = load_model_weights(build_model(**asdict(cfg.model)), ckpt)
+    return cfg, model.eval()
+
+
+# ---------------------------------------------------------------- export
+
+
+def export(ckpt: str | Path, out: str | Path, fmt: str = "consolidated", config: str | None = None) -> Path:
+    """Write a checkpoint in `fmt`: consolidated (full MAE), timm (encoder) or release ({'model': sd})."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose {', '.join(EXPORT_FORMATS)}")
+    cfg, model = load_run_model(Path(ckpt), config)
+    if fmt == "consolidated":
+        return save_safetensors(model.state_dict(), out, {METADATA_FORMAT: "consolidated", METADATA_MODEL: cfg.model.name})
+    if fmt == "timm":
+        return export_timm(model, out, cfg.model.name)
+    return export_release(model, out)
+
+
+def export_consolidated(ckpt: str | Path, out: str | Path, config: str | None = None) -> Path:
+    """Gather a (sharded) checkpoint into one safetensors file with the official MAE key names."""
+    return export(ckpt, out, "consolidated", config)
+
+
+EXPORT_FORMATS = ("consolidated", "timm", "release")
 
 
 # ---------------------------------------------------------------- timm
@@ -95,9 +140,12 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            return load_file(str(path)), metadata
+        except SafetensorError as error:
+            raise WeightsMismatchError(f"{path}: not a safetensors file ({error})") from error
     try:
         # weights_only: a checkpoint file must not be able to run code when it is read.
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -147,8 +195,8 @@ def load_mae_state(model: MaskedAutoencoderViT, state: dict[str, Tensor], source
     has_decoder = bool(present_decoder)
     if not has_decoder:
         state = {**state, **{k: expected[k] for k in decoder_keys}}
-        warnings.warn(f"{source} holds no decoder: it keeps its initialisation (fine for evaluation and "
-                      "fine-tuning; reconstructions need continued pretraining first)", stacklevel=2)
+        logger.warning("%s holds no decoder: it keeps its initialisation (fine for evaluation and fine-tuning; "
+                       "reconstructions need continued pretraining first)", source)
     model.load_state_dict(state, strict=True)
     return has_decoder
 
@@ -174,7 +222,7 @@ def import_official(weights: str | Path, model_name: str, out_dir: str | Path, c
     linprobe / knn / finetune / export read the checkpoint like any other.
     """
     from . import checkpoint, parallel
-    from .config import load_config, save_resolved
+    from .config import save_resolved
     from .optim import build_optimizer, peak_lr
 
     out_dir = Path(out_dir)

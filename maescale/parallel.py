@@ -1,17 +1,21 @@
-"""The one seam between the ways processes share the model: DDP and FSDP2.
+"""The one seam between the ways processes share the model: DDP, FSDP2 and DeepSpeed.
 
-`build_accelerator` starts the process group (NCCL on GPUs, gloo on CPU, so the same
-code runs in tests without a GPU); `parallelize` applies, in this order, activation
-checkpointing, compilation, FSDP2 sharding of every transformer block and then of the
-root (so the embeddings, tokens and norms outside the blocks form one last group);
-`prepare` wraps the model and optimizer for the chosen strategy; `check_active`
-fails loudly when the requested strategy is not the one running.
+`build_accelerator` starts the process group with the backend the node allows
+(`choose_backend`: NCCL when every local process has a GPU of its own, otherwise gloo with
+the processes computing on the CPU, so the same code runs in tests without a GPU and on a
+one-GPU machine); `parallelize` applies, in this order, activation checkpointing,
+compilation (per block under FSDP2), FSDP2 sharding of every transformer block and then of
+the root (so the embeddings, tokens and norms outside the blocks form one last group);
+`prepare` wraps the model and optimizer for the chosen strategy; `clip_gradients` clips
+with one norm over the local shards and one all-reduce; `check_active` fails loudly when
+the requested strategy is not the one running.
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -20,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .config import Config
 from .errors import StrategyError
@@ -34,20 +39,49 @@ def build_accelerator(cfg: Config) -> Accelerator:
     # settings. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    backend = choose_backend(cfg.parallel.backend, torch.cuda.device_count(), local_processes())
+    on_cpu = backend == "gloo"
     handlers = []
     if launched_processes() > 1:  # naming a backend makes Accelerate start a process group
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT))
     if cfg.parallel.strategy == "deepspeed":
+        if on_cpu and torch.cuda.is_available():  # Accelerate drops the DeepSpeed plugin when told cpu=True
+            raise StrategyError(
+                f"parallel.strategy=deepspeed cannot take the gloo fallback on a node with GPUs ({local_processes()} "
+                f"processes, {torch.cuda.device_count()} GPU(s)): launch one process per GPU, or use ddp or fsdp2"
+            )
         _single_process_rendezvous()
         # bf16 is in the DeepSpeed config; Accelerate reads the precision from the plugin.
-        return Accelerator(deepspeed_plugin=deepspeed_plugin(cfg), kwargs_handlers=handlers)
+        return Accelerator(deepspeed_plugin=deepspeed_plugin(cfg, on_cpu), kwargs_handlers=handlers)
     # FSDP2 casts parameters itself (MixedPrecisionPolicy); autocast is for DDP only.
     autocast_bf16 = cfg.train.precision == "bf16" and cfg.parallel.strategy == "ddp"
-    # Without a GPU, Accelerate only treats a launch as distributed (MULTI_CPU) when told cpu=True.
-    return Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision="bf16" if autocast_bf16 else "no", kwargs_handlers=handlers
-    )
+    # On the CPU, Accelerate only treats a launch as distributed (MULTI_CPU) when told cpu=True.
+    return Accelerator(cpu=on_cpu, mixed_precision="bf16" if autocast_bf16 else "no", kwargs_handlers=handlers)
+
+
+def choose_backend(requested: str, gpus: int, processes_on_node: int) -> str:
+    """The process-group backend for `processes_on_node` processes on a node with `gpus` GPUs.
+
+    NCCL refuses two ranks on one GPU, and Accelerate puts local rank r on GPU r % gpus; so
+    "auto" takes NCCL only when every local process has a GPU of its own, and otherwise the
+    gloo fallback, where the processes compute on the CPU (e.g. 2-process tests on one GPU).
+    """
+    enough_gpus = gpus >= processes_on_node and gpus > 0
+    if requested == "auto":
+        return "nccl" if enough_gpus else "gloo"
+    if requested == "nccl" and not enough_gpus:
+        raise StrategyError(
+            f"parallel.backend=nccl needs a GPU per process: {processes_on_node} process(es) on this node, "
+            f"{gpus} GPU(s); use parallel.backend=auto or gloo, or launch at most {gpus} process(es) per node"
+        )
+    if requested not in ("nccl", "gloo"):
+        raise StrategyError(f"parallel.backend={requested!r}: expected auto, nccl or gloo")
+    return requested
+
+
+def local_processes() -> int:
+    """Processes the launcher started on this node (torchrun and accelerate launch set it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", launched_processes()))
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -85,14 +119,14 @@ def zero_bucket_elements(model_name: str) -> int:
     return 12 * width * width
 
 
-def deepspeed_plugin(cfg: Config):
+def deepspeed_plugin(cfg: Config, on_cpu: bool):
     from accelerate import DeepSpeedPlugin
 
-    _deepspeed_workarounds()
+    _deepspeed_workarounds(on_cpu)
     return DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg), zero3_init_flag=False)
 
 
-def _deepspeed_workarounds() -> None:
+def _deepspeed_workarounds(on_cpu: bool) -> None:
     """What DeepSpeed 0.19 + Accelerate 1.15 need to run anywhere, CPU included.
 
     - DeepSpeed's torch backend JIT-compiles a shared-memory all-reduce op at every start on
@@ -104,7 +138,7 @@ def _deepspeed_workarounds() -> None:
 
     from accelerate import DeepSpeedPlugin
 
-    if not torch.cuda.is_available():
+    if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed.comm.torch  # noqa: F401  (the module, reached through sys.modules below)
 
@@ -125,6 +159,15 @@ def _single_process_rendezvous() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def start_process_group_of_one(device: torch.device) -> None:
+    """A process group of this process alone (FSDP2 needs one even then), unless one exists."""
+    if dist.is_initialized():
+        return
+    _single_process_rendezvous()
+    on_gpu = device.type == "cuda"
+    dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1, device_id=device if on_gpu else None)
+
+
 def launched_processes() -> int:
     """Processes started by the launcher (accelerate launch, torchrun, srun + accelerate)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -133,45 +176,80 @@ def launched_processes() -> int:
 def parallelize(model: nn.Module, cfg: Config, accelerator: Accelerator) -> nn.Module:
     """Activation checkpointing -> compile -> per-block FSDP2 -> root FSDP2 (in place)."""
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
+    sharded = cfg.parallel.strategy == "fsdp2"
     if cfg.train.compile:
-        model.compile()  # in place: state-dict keys stay free of `_orig_mod`
-    if cfg.parallel.strategy == "fsdp2":
-        shard_fsdp2(model, cfg, accelerator)
+        # Under FSDP2 each block is compiled on its own, so FSDP's hooks stay outside the graphs.
+        compile_blocks(model) if sharded else model.compile()  # in place: state-dict keys stay plain
+    if sharded:
+        mesh = device_mesh(accelerator.num_processes, accelerator.device.type, cfg.parallel.replicate_degree)
+        shard_fsdp2(model, mesh, fsdp2_options(cfg))
     return model
 
 
-def shard_fsdp2(model: nn.Module, cfg: Config, accelerator: Accelerator) -> None:
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile every transformer block's forward, leaving the module (and its keys) as is."""
+    for block in transformer_blocks(model):
+        block.forward = torch.compile(block.forward)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    return [*model.blocks, *model.decoder_blocks]
+
+
+@dataclass(frozen=True)
+class FSDP2Options:
+    """How `shard_fsdp2` cuts the model; the defaults are maescale's measured choices
+    (docs/BENCHMARKS.md, "FSDP2 host overhead")."""
+
+    precision: str = "fp32"
+    cpu_offload: bool = False
+    # Encoder blocks: free the gathered weights after forward (ZeRO-3 style) or keep them.
+    reshard_after_forward: bool = True
+    # The decoder is small (the paper's 8 x 512 is ~8% of ViT-L) and its backward runs first:
+    # keeping its weights gathered from forward to backward saves an all-gather per block.
+    reshard_decoder: bool = False
+    # One FSDP unit for all decoder blocks: each unit costs host time per step (hooks,
+    # copy-in/out), and a small decoder block is not worth it.
+    decoder_as_one_unit: bool = True
+
+
+def fsdp2_options(cfg: Config) -> FSDP2Options:
+    return FSDP2Options(
+        precision=cfg.train.precision,
+        cpu_offload=cfg.parallel.cpu_offload,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+    )
+
+
+def shard_fsdp2(model: nn.Module, mesh, options: FSDP2Options = FSDP2Options()) -> None:
+    """fully_shard each encoder block, the decoder blocks, then the root (in place)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    if not dist.is_initialized():
-        raise StrategyError("parallel.strategy=fsdp2 needs a process group: launch with accelerate launch or torchrun")
     mp_policy = MixedPrecisionPolicy()
-    if cfg.train.precision == "bf16":
+    if options.precision == "bf16":
         # bf16 compute and all-gathers, fp32 gradient reduction and master weights.
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # Offload keeps the sharded fp32 weights, gradients and optimizer state in host memory and
     # runs the optimizer step there; pinned memory makes the copies asynchronous on GPUs.
-    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.parallel.cpu_offload else OffloadPolicy()
-    options = dict(
-        mesh=device_mesh(accelerator, cfg.parallel.replicate_degree),
-        reshard_after_forward=cfg.parallel.reshard_after_forward,
-        mp_policy=mp_policy,
-        offload_policy=offload,
-    )
-    for block in [*model.blocks, *model.decoder_blocks]:
-        fully_shard(block, **options)
-    fully_shard(model, **options)
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if options.cpu_offload else OffloadPolicy()
+    common = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
+    for block in model.blocks:
+        fully_shard(block, reshard_after_forward=options.reshard_after_forward, **common)
+    decoder = [list(model.decoder_blocks)] if options.decoder_as_one_unit else [[b] for b in model.decoder_blocks]
+    for unit in decoder:
+        fully_shard(unit, reshard_after_forward=options.reshard_decoder, **common)
+    fully_shard(model, reshard_after_forward=options.reshard_after_forward, **common)
 
 
-def device_mesh(accelerator: Accelerator, replicate: int = 1):
+def device_mesh(world: int, device_type: str, replicate: int = 1):
     """1-D mesh (FSDP) or, with `replicate` > 1, a (replicate, shard) mesh (HSDP: shard inside a
     group such as a node, all-reduce gradients across groups)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    world = accelerator.num_processes
+    if not dist.is_initialized():
+        raise StrategyError("parallel.strategy=fsdp2 needs a process group: launch with accelerate launch or torchrun")
     if world % replicate:
         raise StrategyError(f"parallel.replicate_degree={replicate} does not divide the {world} processes")
-    device_type = accelerator.device.type
     if replicate == 1:
         return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
     return init_device_mesh(device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
@@ -191,7 +269,53 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
 def clip_gradients(model: nn.Module, max_norm: float | None, accelerator: Accelerator) -> None:
     """Clip the global gradient norm (DeepSpeed clips inside its step, from its config)."""
     if max_norm is not None and not is_deepspeed(accelerator):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        clip_grad_norm(model.parameters(), max_norm)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for plain and FSDP2-sharded gradients alike, with one
+    foreach norm over the local (shard) tensors and one all-reduce of the squared sum.
+
+    DTensor gradients would pay a DTensor dispatch per tensor for the norms and the scaling,
+    and a collective to make the total norm whole (measured in docs/BENCHMARKS.md).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    local = [local_tensor(g) for g in grads]
+    squares = torch.stack(torch._foreach_norm(local)).square().sum()
+    total = _sum_over_shards(squares, grads[0]).sqrt()
+    torch._foreach_mul_(local, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
+
+
+def _sum_over_shards(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """All-reduce a per-process sum over the group `like` is sharded across (if any)."""
+    group = shard_group(like)
+    if group is None:
+        return value
+    # CPU-offloaded shards live in host memory while NCCL reduces on the GPU.
+    on_mesh = value.to(like.device_mesh.device_type)
+    dist.all_reduce(on_mesh, group=group)
+    return on_mesh.to(value.device)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of `tensor` this process stores: a DTensor's local shard, else the tensor itself."""
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def shard_group(tensor: torch.Tensor):
+    """The process group across which a DTensor is sharded (None for a whole tensor): its
+    local pieces add up to the whole there; across a replicate dimension they are copies."""
+    from torch.distributed.tensor import Shard
+
+    if not isinstance(tensor, DTensor):
+        return None
+    dims = [i for i, placement in enumerate(tensor.placements) if isinstance(placement, Shard)]
+    if not dims or tensor.device_mesh.size(dims[0]) == 1:
+        return None
+    return tensor.device_mesh.get_group(dims[0])
 
 
 def input_dtype(accelerator: Accelerator) -> torch.dtype:
@@ -211,7 +335,6 @@ def check_active(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str
             f"the model itself: use configs/accelerate/*.yaml and set parallel.strategy instead"
         )
     if strategy == "fsdp2":
-        from torch.distributed.tensor import DTensor
 
         sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
         if len(sharded) != len(list(model.parameters())):
@@ -219,7 +342,7 @@ def check_active(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str
     elif strategy == "ddp" and world > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
         raise StrategyError(f"parallel.strategy=ddp on {world} processes but the model is not DDP-wrapped")
     held = 100 * local_parameter_fraction(model)
-    return f"{strategy} on {world} process(es) ({accelerator.device.type}, {backend_name()}), {held:.1f}% of the parameters held here"
+    return f"{strategy} on {world} process(es) ({placement(accelerator)}), {held:.1f}% of the parameters held here"
 
 
 def _check_deepspeed(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str:
@@ -235,14 +358,13 @@ def _check_deepspeed(model: nn.Module, cfg: Config, accelerator: Accelerator) ->
     else:
         held = 1.0
     return (
-        f"deepspeed on {world} process(es) ({accelerator.device.type}, {backend_name()}), ZeRO-{stage}, "
+        f"deepspeed on {world} process(es) ({placement(accelerator)}), ZeRO-{stage}, "
         f"{100 * held:.1f}% of the parameters held here"
     )
 
 
 def local_parameter_fraction(model: nn.Module) -> float:
     """Share of the model's parameter elements stored by this process (1.0 unless sharded)."""
-    from torch.distributed.tensor import DTensor
 
     params = list(model.parameters())
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
@@ -260,7 +382,6 @@ def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
 
 def all_finite(loss: torch.Tensor, model: nn.Module) -> bool:
     """True when the loss and every local gradient (shard) are finite on every process (one host sync)."""
-    from torch.distributed.tensor import DTensor
 
     local = [torch.isfinite(loss).all()]
     for p in model.parameters():
@@ -290,6 +411,16 @@ def any_process(flag: bool) -> bool:
 
 def backend_name() -> str:
     return dist.get_backend() if dist.is_initialized() else "no process group"
+
+
+def placement(accelerator: Accelerator) -> str:
+    """Device and backend for the strategy line, saying why when GPUs are left unused."""
+    line = f"{accelerator.device.type}, {backend_name()}"
+    gpus, processes = torch.cuda.device_count(), local_processes()
+    if accelerator.device.type == "cpu" and gpus:
+        reason = "parallel.backend=gloo" if gpus >= processes else f"{processes} processes, {gpus} GPU(s) on this node"
+        line += f" fallback: {reason}"
+    return line
 
 
 @contextmanager

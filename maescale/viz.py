@@ -1,15 +1,21 @@
-"""Reconstruction figures: original | masked | reconstruction | reconstruction + visible."""
+"""Reconstruction figures (original | masked | reconstruction | reconstruction + visible), during
+training and from a saved checkpoint (`maescale visualize`)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .data import IMAGENET_MEAN, IMAGENET_STD, first_images
+from .data.folder import IMAGE_EXTENSIONS, load_rgb
+from .data.transforms import EvalTransform
+from .errors import DataError
+from .interop import load_run_model
 
-MASK_GREY = 0.5
+logger = logging.getLogger(__name__)
 
 
 def fill_from_visible(values: torch.Tensor, visible: torch.Tensor, grid: int) -> torch.Tensor:
@@ -121,3 +127,39 @@ def draw_panels(panels: dict[str, torch.Tensor], path: str | Path, title: str = 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- maescale visualize
+
+
+def folder_images(folder: str, img_size: int, count: int) -> torch.Tensor:
+    """The first `count` readable images (sorted by path) of a folder: flat, or with class subfolders."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {folder}: no such folder")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not paths:
+        raise DataError(f"--images {folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it")
+    transform = EvalTransform(img_size)
+    images = []
+    for path in paths:
+        if len(images) == count:
+            break
+        try:
+            images.append(transform(load_rgb(str(path))))
+        except Exception as error:  # noqa: BLE001 - decoders raise many types on corrupt input
+            logger.warning("unreadable image %s skipped: %s", path, error)
+    if not images:
+        raise DataError(f"--images {folder}: none of the images could be read")
+    return torch.stack(images)
+
+
+def visualize(cfg_path: str | None, overrides, *, ckpt: str, out: str, images: str | None, num_images: int, seed: int) -> Path:
+    """The figure of `num_images` images (the run's dataset, or `images`) reconstructed by checkpoint `ckpt`."""
+    ckpt = Path(ckpt)
+    cfg, model = load_run_model(ckpt, cfg_path, overrides)
+    if images:
+        batch = folder_images(images, model.img_size, num_images)
+    else:
+        batch = first_images(cfg.data, img_size=model.img_size, seed=cfg.seed, count=num_images)
+    return save_reconstruction_figure(model, batch, out, seed=seed, title=f"{cfg.model.name}, {ckpt.name}")

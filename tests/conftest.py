@@ -61,3 +61,16 @@ def write_mixed_image_folder(root: Path) -> Path:
 
 
 BAD_FILES = ("cat/b_truncated.jpg", "cat/e_text.jpg", "dog/a_empty.jpg")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped, with the reason, where there is none")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: none on this machine (run on one with `pytest -m cuda`)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

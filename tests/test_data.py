@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import types
-import warnings
 from pathlib import Path
 
 import pytest
@@ -19,23 +18,25 @@ from maescale.data import (
     EvalTransform,
     ImageFolderDataset,
     MAETrainTransform,
+    Loader,
     SyntheticShapes,
-    UnreadableImageWarning,
     build_loader,
 )
+from maescale.config import DataConfig
+from maescale.errors import ConfigError, DataError
 from maescale.data.synthetic import NUM_CLASSES
 from maescale.data.transforms import sample_crop_box
 
 from conftest import BAD_FILES, write_mixed_image_folder
 
 
-def data_cfg(**overrides):
-    """A data config as the trainer's dataclass would provide it."""
-    fields = dict(
-        kind="synthetic", path=None, batch_size=8, num_workers=0, synthetic_size=64, crop_min_scale=0.2
-    )
-    fields.update(overrides)
-    return types.SimpleNamespace(**fields)
+def data_cfg(**overrides) -> DataConfig:
+    """A small data config: 64 synthetic images, batches of 8, no worker processes."""
+    return DataConfig(**{"batch_size": 8, "num_workers": 0, "synthetic_size": 64, **overrides})
+
+
+def unreadable_notices(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "unreadable image" in r.getMessage()]
 
 
 class IndexDataset(torch.utils.data.Dataset):
@@ -250,12 +251,12 @@ def expected_folder_samples(dataset: ImageFolderDataset, bad: set[str]):
     return expected
 
 
-def test_folder_loader_full_batches_labels_and_skipped_reported(image_root):
+def test_folder_loader_full_batches_labels_and_skipped_reported(image_root, caplog):
     cfg = data_cfg(kind="folder", path=str(image_root), batch_size=4)
     loader = build_loader(cfg, img_size=32, seed=0)
     bad = {str(image_root / name) for name in BAD_FILES}
     expected = expected_folder_samples(loader.dataset, bad)
-    with pytest.warns(UnreadableImageWarning) as record:
+    with caplog.at_level(logging.WARNING, logger="maescale"):
         batches = list(loader.epoch(0))
     assert loader.batches_per_epoch == 3 and len(batches) == 3
     order = loader.rank_indices(0).tolist()
@@ -264,21 +265,24 @@ def test_folder_loader_full_batches_labels_and_skipped_reported(image_root):
         indices = order[number * 4 : (number + 1) * 4]
         assert batch.labels.tolist() == [expected[i][0] for i in indices]
         assert batch.skipped == tuple(p for i in indices for p in expected[i][1])
-    warned = [str(w.message) for w in record]
-    assert len(warned) == len(bad)
-    assert all(any(path in message for message in warned) for path in bad)
-    # Warned once per path: a second epoch stays silent.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnreadableImageWarning)
+    notices = unreadable_notices(caplog)
+    assert len(notices) == len(bad) and all("\n" not in notice for notice in notices)
+    assert all(any(path in notice for notice in notices) for path in bad)
+    # Reported once per path: a second epoch, or another loader, stays silent.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maescale"):
         list(loader.epoch(1))
+        list(build_loader(cfg, img_size=32, seed=0, train=False).epoch(0))
+    assert unreadable_notices(caplog) == []
 
 
-def test_folder_eval_sees_every_file_once(image_root):
+def test_folder_eval_sees_every_file_once(image_root, caplog):
     cfg = data_cfg(kind="folder", path=str(image_root), batch_size=5)
     loader = build_loader(cfg, img_size=16, seed=0, train=False)
     expected = expected_folder_samples(loader.dataset, {str(image_root / n) for n in BAD_FILES})
-    with pytest.warns(UnreadableImageWarning):
+    with caplog.at_level(logging.WARNING, logger="maescale"):
         batches = list(loader.epoch(0))
+    assert unreadable_notices(caplog) == []  # the previous test's loader reported them: once per process
     assert [len(b.labels) for b in batches] == [5, 5, 2]
     assert torch.cat([b.labels for b in batches]).tolist() == [label for label, _ in expected]
     assert sorted(p for b in batches for p in b.skipped) == sorted(p for _, s in expected for p in s)
@@ -302,7 +306,7 @@ def test_folder_missing_path_names_it(tmp_path):
 def test_folder_without_images_names_path_and_layout(tmp_path):
     (tmp_path / "empty_class").mkdir()
     (tmp_path / "empty_class" / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(DataError) as error:
         ImageFolderDataset(tmp_path)
     assert str(tmp_path) in str(error.value) and "<class>" in str(error.value)
 
@@ -310,7 +314,7 @@ def test_folder_without_images_names_path_and_layout(tmp_path):
 def test_folder_all_unreadable_raises_clearly(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.jpg").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="could be read"):
+    with pytest.raises(DataError, match="could be read"):
         ImageFolderDataset(tmp_path)[0]
 
 
@@ -318,16 +322,27 @@ def test_folder_all_unreadable_raises_clearly(tmp_path):
 
 
 def test_build_loader_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="data.path"):
+    with pytest.raises(ConfigError, match="data.path"):
         build_loader(data_cfg(kind="folder", path=None), img_size=32, seed=0)
-    with pytest.raises(ValueError, match="folder.*synthetic"):
+    with pytest.raises(ConfigError, match="folder.*synthetic"):
         build_loader(data_cfg(kind="tfrecord"), img_size=32, seed=0)
-    with pytest.raises(ValueError, match="data.batch_size"):
+    with pytest.raises(ConfigError, match="data.batch_size"):
         build_loader(data_cfg(batch_size=0), img_size=32, seed=0)
-    with pytest.raises(ValueError, match="data.batch_size"):
+    with pytest.raises(DataError, match="data.batch_size"):
         build_loader(data_cfg(synthetic_size=10, batch_size=8), img_size=32, seed=0, world_size=2)
-    with pytest.raises(ValueError, match="data.crop_min_scale"):
+    with pytest.raises(ConfigError, match="data.crop_min_scale"):
         build_loader(data_cfg(crop_min_scale=0.0), img_size=32, seed=0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_every_kind_implements_the_loader_protocol(image_root, train):
+    for cfg in (data_cfg(), data_cfg(kind="folder", path=str(image_root), batch_size=4)):
+        loader = build_loader(cfg, img_size=16, seed=0, train=train)
+        assert isinstance(loader, Loader)
+        assert len(loader) == loader.batches_per_epoch > 0 and loader.batch_size == cfg.batch_size
+        labels = torch.cat([batch.labels for batch in loader.epoch(0)])
+        assert 0 <= int(labels.min()) and int(labels.max()) < loader.num_classes
+        assert len(loader.eval_selection()) == loader.num_samples
 
 
 def test_synthetic_batches_shape_dtype_and_normalised_range():
@@ -468,4 +483,4 @@ def test_eval_subset_is_evenly_spaced_and_equal_on_every_rank():
     with pytest.raises(ValueError, match="leaves nothing for 3 processes"):
         index_loader(size=10, world_size=3, train=False, eval_subset=2)
     with pytest.raises(ValueError, match="eval-mode loaders"):
-        build_loader(types.SimpleNamespace(kind="synthetic"), img_size=8, seed=0, train=True, eval_subset=5)
+        build_loader(data_cfg(), img_size=8, seed=0, train=True, eval_subset=5)

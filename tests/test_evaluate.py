@@ -19,14 +19,15 @@ from maescale import parallel
 from maescale.__main__ import main
 from maescale.config import ConfigError, load_config
 from maescale.evaluate.config import EvalConfig
-from maescale.evaluate.features import gather_in_order, pooled, topk_accuracy
+from maescale.evaluate.accuracy import topk_accuracy
+from maescale.evaluate.features import gather_in_order, pooled
 from maescale.evaluate.finetune import classifier_from_mae, finetune, layer_decay_groups
 from maescale.evaluate.knn import knn_scores
 from maescale.evaluate.lars import LARS
 from maescale.evaluate.linprobe import build_head
 from maescale.evaluate.monitor import KnnMonitor
 from maescale.metrics import read_metrics
-from maescale.data import build_loader
+from maescale.data import SyntheticShapes, build_loader
 from maescale.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,7 +221,7 @@ def test_knn_monitor_equals_knn_of_directly_encoded_images():
 
     bank, bank_labels = encoded("train", 40)
     queries, labels = encoded("val", 20)
-    scores = knn_scores(bank, bank_labels, queries, k=5, temperature=0.07, num_classes=int(torch.cat([bank_labels, labels]).max()) + 1)
+    scores = knn_scores(bank, bank_labels, queries, k=5, temperature=0.07, num_classes=SyntheticShapes.num_classes)
     expected = topk_accuracy(scores, labels)
     assert result == pytest.approx({"knn_top1": expected["top1"], "knn_top5": expected["top5"]})
 

@@ -3,6 +3,7 @@ round trips, continued pretraining from an imported file, and the visualize comm
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def test_vit_base_encoder_loads_strictly_into_timm_with_equal_features(tmp_path)
                                     mlp_ratio=4.0, qkv_bias=True)
 
 
-def test_official_files_import_strictly_encoder_only_and_full():
+def test_official_files_import_strictly_encoder_only_and_full(caplog):
     torch.manual_seed(0)
     source = build_model(MICRO)
     full = {"module." + k: v for k, v in source.state_dict().items()}  # a DDP-saved state dict
@@ -72,8 +73,9 @@ def test_official_files_import_strictly_encoder_only_and_full():
     encoder_only = {k: v for k, v in source.state_dict().items() if is_encoder_key(k)}
     fresh = build_model(MICRO)
     decoder_before = fresh.decoder_pred.weight.clone()
-    with pytest.warns(UserWarning, match="no decoder"):
+    with caplog.at_level(logging.WARNING, logger="maescale"):
         assert load_mae_state(fresh, encoder_only, "encoder-only") is False
+    assert "encoder-only holds no decoder" in caplog.text
     assert torch.equal(fresh.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
     assert torch.equal(fresh.decoder_pred.weight, decoder_before)
     with pytest.raises(WeightsMismatchError, match="unexpected \\['head.weight'\\]"):
@@ -96,7 +98,7 @@ def short_run(tmp_path_factory) -> Path:
     return pretrain(cfg)["checkpoint"]
 
 
-def test_export_formats_from_a_checkpoint_round_trip(short_run, tmp_path, capsys):
+def test_export_formats_from_a_checkpoint_round_trip(short_run, tmp_path, capsys, caplog):
     trained = load_model_weights(build_model(MICRO), short_run).eval()
     timm_file = tmp_path / "encoder.safetensors"
     cli(capsys, "export", "--ckpt", str(short_run), "--format", "timm", "--out", str(timm_file))
@@ -108,8 +110,9 @@ def test_export_formats_from_a_checkpoint_round_trip(short_run, tmp_path, capsys
         assert torch.allclose(vit.forward_features(images), trained.forward_features(images), atol=1e-6)
     assert metadata["maescale_model"] == MICRO
     # a timm file is enough to evaluate: the model name travels in its metadata
-    with pytest.warns(UserWarning, match="no decoder"):
+    with caplog.at_level(logging.WARNING, logger="maescale"):
         from_timm = load_weights_file(timm_file, None)
+    assert "holds no decoder" in caplog.text
     assert torch.equal(from_timm.forward_features(images), trained.forward_features(images))
 
     release = tmp_path / "release.pth"

@@ -1,5 +1,6 @@
 """Figures, the visualize and bench commands, FLOP accounting, and training on a folder of JPEGs."""
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,7 @@ def jpeg_folder(tmp_path):
     return tmp_path / "images", first
 
 
-def test_pretrain_on_a_folder_counts_the_bad_file_and_visualize_draws(tmp_path, jpeg_folder):
+def test_pretrain_on_a_folder_counts_the_bad_file_and_visualize_draws(tmp_path, jpeg_folder, caplog):
     root, bad = jpeg_folder
     out = tmp_path / "run"
     cfg = load_config(None, [
@@ -130,8 +131,11 @@ def test_pretrain_on_a_folder_counts_the_bad_file_and_visualize_draws(tmp_path, 
         "data.batch_size=8", "data.num_workers=0", "schedule.epochs=2", "schedule.warmup_epochs=1",
         "train.log_every=1", "checkpoint.every_steps=100",
     ])
-    with pytest.warns(UserWarning, match=bad.name):
+    with caplog.at_level(logging.WARNING, logger="maescale"):
         summary = pretrain(cfg)
+    assert [r.getMessage() for r in caplog.records if bad.name in r.getMessage()] == [
+        f"unreadable image {bad}: replaced by the next readable file"
+    ]  # once, though both epochs read it
     assert summary["step"] == 12  # 48 images / 8 per batch x 2 epochs
     assert read_metrics(out)[-1]["skipped_images"] == 1
     figure = tmp_path / "fig.png"

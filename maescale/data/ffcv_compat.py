@@ -23,11 +23,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..errors import MissingExtraError, install_hint
+
 INSTALL_HINT = (
     "FFCV is not installed: on Debian/Ubuntu run `make setup` (installs the apt packages "
     "pkg-config libturbojpeg0-dev libopencv-dev build-essential and the `ffcv` extra); "
     "elsewhere install libjpeg-turbo, OpenCV 4 (with its pkg-config file) and a C compiler, "
-    "then `pip install -e '.[ffcv]'`"
+    f"then {install_hint('ffcv')}"
 )
 
 _patched = False
@@ -52,7 +54,7 @@ def import_ffcv() -> Any:
         ffcv = importlib.import_module("ffcv")
         graph = importlib.import_module("ffcv.pipeline.graph")
     except ImportError as error:
-        raise ImportError(f"{INSTALL_HINT} ({error})") from error
+        raise MissingExtraError(f"{INSTALL_HINT} ({error})") from error
     finally:
         # ffcv.pipeline.compiler calls torch.set_num_threads(1) at import: keep the caller's.
         torch.set_num_threads(torch_threads)

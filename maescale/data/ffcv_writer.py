@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import ConfigError, DataError
 from .folder import ImageFolderDataset, load_rgb
 
 WriteMode = Literal["jpg", "raw", "proportion"]
@@ -55,17 +56,17 @@ class BetonOptions:
 
     def __post_init__(self) -> None:
         if self.max_resolution <= 0:
-            raise ValueError(f"max_resolution must be positive, got {self.max_resolution}")
+            raise ConfigError(f"--max-resolution must be positive, got {self.max_resolution}")
         if self.resize_side not in ("short", "long"):
-            raise ValueError(f"resize_side must be 'short' or 'long', got {self.resize_side!r}")
+            raise ConfigError(f"--resize-side must be 'short' or 'long', got {self.resize_side!r}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+            raise ConfigError(f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
         if self.write_mode not in ("jpg", "raw", "proportion"):
-            raise ValueError(f"write_mode must be jpg, raw or proportion, got {self.write_mode!r}")
+            raise ConfigError(f"--write-mode must be jpg, raw or proportion, got {self.write_mode!r}")
         if not 0 <= self.compress_probability <= 1:
-            raise ValueError(f"compress_probability must be in [0, 1], got {self.compress_probability}")
+            raise ConfigError(f"--compress-probability must be in [0, 1], got {self.compress_probability}")
         if self.num_workers <= 0:
-            raise ValueError(f"num_workers must be positive, got {self.num_workers}")
+            raise ConfigError(f"--workers must be positive, got {self.num_workers}")
 
 
 @dataclass
@@ -174,7 +175,7 @@ def _write_in_this_process(src: str, out: str, options: BetonOptions, subset: in
     skipped = [(path, error) for path, error in zip(paths, errors) if error is not None]
     keep = [i for i, error in enumerate(errors) if error is None]
     if not keep:
-        raise ValueError(f"none of the {len(paths)} images under {folder.root} could be read")
+        raise DataError(f"none of the {len(paths)} images under {folder.root} could be read")
     stream = _ResizedStream([paths[i] for i in keep], [labels[i] for i in keep], options)
     fields = {
         # Images arrive already resized, so FFCV's own (long-side) resize is off.
@@ -195,6 +196,8 @@ def _write_in_this_process(src: str, out: str, options: BetonOptions, subset: in
 def _child_main(queue, *args) -> None:
     try:
         queue.put(("ok", _write_in_this_process(*args)))
+    except DataError as error:
+        queue.put(("data error", str(error)))
     except BaseException as error:  # noqa: BLE001 - reported to the parent, which re-raises
         queue.put(("error", f"{type(error).__name__}: {error}"))
 
@@ -222,6 +225,9 @@ def write_beton(
 
     Runs in a spawned process (see the module docstring); errors come back as exceptions.
     """
+    from .ffcv_compat import import_ffcv
+
+    import_ffcv()  # a missing extra is reported here, before any work
     ImageFolderDataset(src, split=split)  # fail here, with the folder's own message
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -229,6 +235,8 @@ def write_beton(
     child.start()
     status, payload = _wait_for_result(queue, child)
     child.join()
+    if status == "data error":
+        raise DataError(payload)
     if status == "error":
         raise RuntimeError(f"writing {out} failed: {payload}")
     return payload

@@ -18,6 +18,8 @@ from typing import NamedTuple
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import DataError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SPLIT_NAMES = ("train", "val")
 EXPECTED_LAYOUT = "root/<class>/<image>.jpg (or root/<split>/<class>/<image>.jpg)"
@@ -113,7 +115,7 @@ class ImageFolderDataset(Dataset):
             self.labels.extend([label] * len(images))
         if not self.paths:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-            raise ValueError(
+            raise DataError(
                 f"no images ({extensions}) found under {self.root}; expected layout {EXPECTED_LAYOUT}"
             )
 
@@ -139,7 +141,7 @@ class ImageFolderDataset(Dataset):
                 errors.append(f"{path}: {type(error).__name__}: {error}")
                 continue
             return FolderSample(image, self.labels[candidate], tuple(skipped))
-        raise ValueError(
+        raise DataError(
             f"none of the {len(self.paths)} images under {self.root} could be read; "
             f"first errors: {'; '.join(errors[:3])}"
         )

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import seeded_generator
+from .seeding import seeded_generator
 
 SHAPES = ("disc", "rectangle", "triangle", "ring", "cross")
 FILLS = ("solid", "patterned")
@@ -34,11 +34,6 @@ DISTRACTOR_RADIUS, DISTRACTOR_CENTRE = (0.07, 0.15), (0.1, 0.9)
 _DRAWS_PER_IMAGE = 8 + 3 * 18
 
 Mask = torch.Tensor  # bool [S, S]
-
-
-def class_name(label: int) -> str:
-    """Human-readable name of a label, e.g. ``'ring/patterned'``."""
-    return f"{SHAPES[label // len(FILLS)]}/{FILLS[label % len(FILLS)]}"
 
 
 class SyntheticShapes(Dataset):

@@ -16,70 +16,14 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+# Old import path of the hashing helpers, still used by tests/test_bench.py and benchmarks/mask_noise.py.
+from .seeding import _splitmix64, mask_noise  # noqa: F401
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # torchvision's RandomResizedCrop makes this many attempts before falling back.
 CROP_ATTEMPTS = 10
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(value: int) -> int:
-    """One round of the SplitMix64 finaliser: a cheap, well-mixing 64-bit hash."""
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def derive_seed(*parts: int) -> int:
-    """Hash integers (e.g. seed, epoch, sample index) into one 63-bit seed.
-
-    Seeding a generator with ``seed + index`` would make neighbouring samples of
-    neighbouring seeds share streams; hashing keeps every tuple independent.
-    """
-    state = 0
-    for part in parts:
-        state = _splitmix64(state ^ (int(part) & _MASK64))
-    return state >> 1
-
-
-def _as_int64(value: int) -> int:
-    """The int64 with the bits of a uint64 constant (torch has no uint64 arithmetic)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 tensors read as uint64 (`>>` is arithmetic on int64)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _splitmix64_tensor(x: torch.Tensor) -> torch.Tensor:
-    """`_splitmix64` elementwise on an int64 tensor (integer products wrap modulo 2^64)."""
-    x = x + _as_int64(0x9E3779B97F4A7C15)
-    x = (x ^ _shift_right(x, 30)) * _as_int64(0xBF58476D1CE4E5B9)
-    x = (x ^ _shift_right(x, 27)) * _as_int64(0x94D049BB133111EB)
-    return x ^ _shift_right(x, 31)
-
-
-def mask_noise(seeds: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """[B, num_patches] uniform noise in [0, 1) from [B] int64 seeds, on the seeds' device.
-
-    Element (i, j) is the top 24 bits of ``_splitmix64(_splitmix64(seeds[i]) ^ j)``: a
-    counter-based hash, so the noise is a pure function of the sample and the patch, drawn
-    on the GPU in a few integer kernels for the whole batch (no generator per sample on the
-    host, no copy of the noise to the device).
-    """
-    patch = torch.arange(num_patches, dtype=torch.int64, device=seeds.device)
-    bits = _splitmix64_tensor(_splitmix64_tensor(seeds.to(torch.int64)).unsqueeze(1) ^ patch)
-    return _shift_right(bits, 40).to(torch.float32) * 2.0**-24
-
-
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with ``derive_seed(*parts)``."""
-    return torch.Generator().manual_seed(derive_seed(*parts))
-
 
 class CropBox(NamedTuple):
     """A crop rectangle in pixel coordinates of the source image."""

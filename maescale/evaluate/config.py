@@ -8,9 +8,9 @@ unknown key or a wrong type fails with the key's name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
-from ..config import ConfigError, DataConfig, opt
+from ..config import DataConfig, KnnConfig, Pool, check_data, knn_checks, opt, pool_option, raise_first_failure
 
 
 @dataclass
@@ -24,7 +24,7 @@ class EncoderConfig:
     model: Optional[str] = opt(
         None, "Named MAE configuration; null takes it from the checkpoint's run config.yaml (needed for files and random init)."
     )
-    pool: Literal["cls", "mean"] = opt("cls", "Feature of an image: the cls token (the paper's linear probe) or the mean of the patch tokens.")
+    pool: Pool = pool_option()
 
 
 @dataclass
@@ -43,12 +43,6 @@ class LinprobeConfig:
         "false extracts the center-crop features once and trains the head on them (same head, lr rule and schedule; "
         "far cheaper on CPU).",
     )
-
-
-@dataclass
-class KnnConfig:
-    k: int = opt(20, "Neighbours that vote (Wu et al. 2018; DINO, Caron et al. 2021: 20).")
-    temperature: float = opt(0.07, "Vote weight exp(cosine / temperature) (same references: 0.07).")
 
 
 @dataclass
@@ -86,17 +80,13 @@ class EvalConfig:
     def validate(self) -> None:
         """Reject impossible values with the key's name, before any work starts."""
         lp, ft = self.linprobe, self.finetune
-        checks = [
-            (self.data.batch_size > 0, "data.batch_size must be positive"),
-            (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
-            (0.0 < self.data.crop_min_scale <= 1.0, "data.crop_min_scale must be in (0, 1]"),
-            (self.data.kind != "folder" or self.data.path, "data.path is required when data.kind=folder"),
+        check_data(self.data)
+        raise_first_failure([
             (self.encoder.ckpt is not None or self.encoder.model, "encoder.model is required when encoder.ckpt is null (random init)"),
             (lp.batch_size > 0, "linprobe.batch_size must be positive"),
             (lp.blr > 0 and (lp.lr is None or lp.lr > 0), "linprobe.blr and linprobe.lr must be positive"),
             (lp.epochs > 0 and 0 <= lp.warmup_epochs <= lp.epochs, "linprobe.warmup_epochs must be in [0, linprobe.epochs]"),
-            (self.knn.k > 0, "knn.k must be positive"),
-            (self.knn.temperature > 0, "knn.temperature must be positive"),
+            *knn_checks(self.knn, "knn"),
             (ft.blr > 0 and (ft.lr is None or ft.lr > 0), "finetune.blr and finetune.lr must be positive"),
             (0 < ft.layer_decay <= 1, "finetune.layer_decay must be in (0, 1]"),
             (0 <= ft.drop_path < 1, "finetune.drop_path must be in [0, 1)"),
@@ -107,7 +97,4 @@ class EvalConfig:
             (ft.log_every > 0, "finetune.log_every must be positive"),
             # timm's Mixup pairs each image with its mirror in the batch.
             (ft.mixup == ft.cutmix == 0 or self.data.batch_size % 2 == 0, "data.batch_size must be even with finetune.mixup or finetune.cutmix"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        ])

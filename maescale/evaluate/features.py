@@ -9,8 +9,9 @@ number of processes.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -22,9 +23,8 @@ from tqdm.auto import tqdm
 from .. import parallel
 from ..checkpoint import load_model_weights
 from ..config import ConfigError, load_config
-from ..data import EpochLoader, build_loader
-from ..export import run_config_of
-from ..interop import load_weights_file
+from ..data import Loader, build_loader
+from ..interop import load_weights_file, run_config_of
 from ..models import MaskedAutoencoderViT, build_model
 from .config import EncoderConfig, EvalConfig
 
@@ -66,7 +66,7 @@ def encode(model: torch.nn.Module, images: Tensor, pool: str) -> Tensor:
     return pooled(model(images, features_only=True), pool).float()
 
 
-def eval_loader(cfg: EvalConfig, img_size: int, split: str, accelerator: Accelerator) -> EpochLoader:
+def eval_loader(cfg: EvalConfig, img_size: int, split: str, accelerator: Accelerator) -> Loader:
     """Center-crop loader over `split`, this process's share, dataset order."""
     return build_loader(
         cfg.data, img_size=img_size, seed=cfg.seed, rank=accelerator.process_index,
@@ -75,7 +75,7 @@ def eval_loader(cfg: EvalConfig, img_size: int, split: str, accelerator: Acceler
 
 
 def extract_features(
-    model: torch.nn.Module, loader: EpochLoader, pool: str, accelerator: Accelerator, desc: str, dim: int
+    model: torch.nn.Module, loader: Loader, pool: str, accelerator: Accelerator, desc: str, dim: int
 ) -> tuple[Tensor, Tensor]:
     """(features [N, dim], labels [N]) of the images the eval `loader` visits (the split or its
     `eval_subset`), in its order, on every process."""
@@ -96,24 +96,32 @@ def extract_features(
 FEATURE_CACHE = "features"
 
 
-def split_features(model: MaskedAutoencoderViT, cfg: EvalConfig, split: str, run) -> tuple[Tensor, Tensor]:
-    """`extract_features` of a split, reused from output_dir/features/ when the same encoder, data
-    and pooling were extracted before (linprobe and knn on one output_dir encode once)."""
+class SplitFeatures(NamedTuple):
+    """Features [N, D] and labels [N] of a split's images in order, and the split's class count."""
+
+    features: Tensor
+    labels: Tensor
+    num_classes: int
+
+
+def split_features(model: MaskedAutoencoderViT, cfg: EvalConfig, split: str, loader: Loader, run) -> SplitFeatures:
+    """`extract_features` of `split` through its eval `loader`, reused from output_dir/features/ when
+    the same encoder, data and pooling were extracted before (linprobe and knn on one output_dir
+    encode once). The loaders are built first, so that a bad split fails before any encoding."""
     path = run.output_dir / FEATURE_CACHE / f"{split}-{cfg.encoder.pool}.pt"
     key = _feature_key(cfg, split, model.img_size)
     if path.is_file():
         cached = torch.load(path, weights_only=True)
-        if cached["key"] == key:
+        if cached["key"] == key and "num_classes" in cached:
             run.print(f"features of {split} read from {path}")
-            return cached["features"], cached["labels"]
-    loader = eval_loader(cfg, model.img_size, split, run.accelerator)
+            return SplitFeatures(cached["features"], cached["labels"], cached["num_classes"])
     features, labels = extract_features(
         model, loader, cfg.encoder.pool, run.accelerator, f"features ({split})", model.embed_dim
     )
     if run.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "features": features, "labels": labels}, path)
-    return features, labels
+        torch.save({"key": key, "features": features, "labels": labels, "num_classes": loader.num_classes}, path)
+    return SplitFeatures(features, labels, loader.num_classes)
 
 
 def _feature_key(cfg: EvalConfig, split: str, img_size: int) -> str:
@@ -153,16 +161,3 @@ def all_gather_cat(local: Tensor) -> Tensor:
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, local.contiguous())
     return torch.cat(parts)
-
-
-def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Percentages of rows whose label is among the `k` highest scores, as {'top1': .., 'top5': ..}."""
-    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hits = ranked == labels.unsqueeze(1)
-    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
-
-
-def num_classes(cfg: EvalConfig, img_size: int) -> int:
-    """Classes of the training split (folder: its class folders; synthetic: shape x fill)."""
-    data = replace(cfg.data, num_workers=0)
-    return int(build_loader(data, img_size=img_size, seed=cfg.seed, train=False, split=cfg.train_split).dataset.num_classes)

@@ -30,20 +30,19 @@ from tqdm.auto import tqdm
 
 from .. import parallel
 from ..config import Config
-from ..data import build_loader
-from ..data.transforms import derive_seed
-from ..interop import METADATA_FORMAT, METADATA_TIMM_KWARGS, save_safetensors, build_timm_vit, timm_kwargs
+from ..data import Stream, build_loader, derive_seed
+from ..interop import METADATA_FORMAT, METADATA_TIMM_KWARGS, build_timm_vit, save_safetensors, timm_kwargs
 from ..models import MaskedAutoencoderViT
 from ..optim import lr_at
+from .accuracy import as_percentages, topk_hits
 from .config import EvalConfig
-from .features import load_encoder, num_classes
+from .features import load_encoder
 from .run import EvalRun
 
 FINETUNED_FILE = "finetuned.safetensors"
 # Weights the classifier has and the pretrained encoder does not (and the final norm it drops).
 NEW_KEYS = frozenset({"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"})
 DROPPED_KEYS = frozenset({"norm.weight", "norm.bias"})
-_MIXUP_STREAM = 6
 
 
 def classifier_from_mae(mae: MaskedAutoencoderViT, classes: int, img_size: int | None = None, drop_path: float = 0.0) -> nn.Module:
@@ -86,15 +85,15 @@ class Finetuner:
         acc = self.run.accelerator
         mae = load_encoder(cfg.encoder, cfg.seed)
         self.img_size = ft.img_size or mae.img_size
-        self.classes = num_classes(cfg, self.img_size)
-        set_seed(cfg.seed)  # identical head and drop-path streams on every process
-        model = classifier_from_mae(mae, self.classes, self.img_size, ft.drop_path).to(acc.device)
-        self.timm_kwargs = {**timm_kwargs(mae), "img_size": self.img_size, "num_classes": self.classes,
-                            "global_pool": "avg", "fc_norm": True}
         self.loader = build_loader(cfg.data, img_size=self.img_size, seed=cfg.seed, rank=acc.process_index,
                                    world_size=acc.num_processes, train=True, split=cfg.train_split)
         self.val_loader = build_loader(cfg.data, img_size=self.img_size, seed=cfg.seed, rank=acc.process_index,
                                        world_size=acc.num_processes, train=False, split=cfg.val_split)
+        self.classes = max(self.loader.num_classes, self.val_loader.num_classes)
+        set_seed(cfg.seed)  # identical head and drop-path streams on every process
+        model = classifier_from_mae(mae, self.classes, self.img_size, ft.drop_path).to(acc.device)
+        self.timm_kwargs = {**timm_kwargs(mae), "img_size": self.img_size, "num_classes": self.classes,
+                            "global_pool": "avg", "fc_norm": True}
         self.global_batch = cfg.data.batch_size * acc.num_processes
         self.peak_lr = ft.lr if ft.lr is not None else ft.blr * self.global_batch / 256
         optimizer = torch.optim.AdamW(layer_decay_groups(model, ft.weight_decay, ft.layer_decay), lr=self.peak_lr, betas=(0.9, 0.999))
@@ -119,7 +118,7 @@ class Finetuner:
         if self.mixup is None:
             return F.cross_entropy(self.model(images), labels, label_smoothing=self.cfg.finetune.label_smoothing)
         # timm's Mixup draws from numpy's global RNG: seed it per step (and rank) for reproducible runs.
-        np.random.seed(derive_seed(self.cfg.seed, step, self.run.accelerator.process_index, _MIXUP_STREAM) % 2**32)
+        np.random.seed(derive_seed(self.cfg.seed, step, self.run.accelerator.process_index, Stream.MIXUP) % 2**32)
         images, targets = self.mixup(images, labels)
         return SoftTargetCrossEntropy()(self.model(images), targets)
 
@@ -140,12 +139,11 @@ class Finetuner:
         counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
         for batch in self.val_loader.epoch(0):
             logits = self.model(batch.images.to(self.run.accelerator.device)).float().cpu()
-            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices == batch.labels.unsqueeze(1)
-            counts += torch.tensor([ranked[:, :1].any(1).sum(), ranked.any(1).sum(), len(batch.labels)], dtype=torch.float64)
+            counts += torch.cat([topk_hits(logits, batch.labels), torch.tensor([len(batch.labels)], dtype=torch.float64)])
         self.model.train()
         if dist.is_initialized():
             dist.all_reduce(counts)
-        return {"top1": 100 * (counts[0] / counts[2]).item(), "top5": 100 * (counts[1] / counts[2]).item()}
+        return as_percentages(counts[:2], counts[2].item())
 
     def run_training(self) -> dict:
         cfg, ft, run = self.cfg, self.cfg.finetune, self.run

@@ -34,19 +34,22 @@ def knn_scores(
 def knn(cfg) -> dict:
     """`maescale knn`: encode both splits (center crops), classify `val_split` by its neighbours in
     `train_split`; returns top-1 / top-5 (percent)."""
-    from .features import load_encoder, num_classes, split_features, topk_accuracy
+    from .accuracy import topk_accuracy
+    from .features import eval_loader, load_encoder, split_features
     from .run import EvalRun
 
     run = EvalRun(cfg, "knn")
     model = load_encoder(cfg.encoder, cfg.seed).to(run.accelerator.device)
-    bank, bank_labels = split_features(model, cfg, cfg.train_split, run)
-    queries, labels = split_features(model, cfg, cfg.val_split, run)
-    classes = num_classes(cfg, model.img_size)
-    scores = knn_scores(bank, bank_labels, queries, k=cfg.knn.k, temperature=cfg.knn.temperature, num_classes=classes)
-    result = topk_accuracy(scores, labels)
-    run.save_config({"world_size": run.world_size, "bank_images": len(bank)})
+    loaders = {split: eval_loader(cfg, model.img_size, split, run.accelerator) for split in (cfg.train_split, cfg.val_split)}
+    bank = split_features(model, cfg, cfg.train_split, loaders[cfg.train_split], run)
+    val = split_features(model, cfg, cfg.val_split, loaders[cfg.val_split], run)
+    classes = max(bank.num_classes, val.num_classes)
+    scores = knn_scores(bank.features, bank.labels, val.features, k=cfg.knn.k, temperature=cfg.knn.temperature,
+                        num_classes=classes)
+    result = topk_accuracy(scores, val.labels)
+    run.save_config({"world_size": run.world_size, "bank_images": len(bank.labels)})
     run.log({"step": 0, "k": cfg.knn.k, "temperature": cfg.knn.temperature, **result})
     run.print(f"knn (k={cfg.knn.k}, T={cfg.knn.temperature}) {cfg.val_split}: top-1 {result['top1']:.2f}%  "
-              f"top-5 {result['top5']:.2f}%  ({len(labels)} images, bank of {len(bank)})")
+              f"top-5 {result['top5']:.2f}%  ({len(val.labels)} images, bank of {len(bank.labels)})")
     run.close()
-    return {**result, "val_images": len(labels)}
+    return {**result, "val_images": len(val.labels)}

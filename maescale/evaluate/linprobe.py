@@ -21,15 +21,15 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data import build_loader
-from ..data.transforms import seeded_generator
+from ..errors import ConfigError, DataError
+
+from ..data import Loader, Stream, build_loader, seeded_generator
 from ..optim import lr_at, set_lr
+from .accuracy import topk_accuracy
 from .config import EvalConfig
-from .features import all_gather_cat, encode, load_encoder, num_classes, split_features, topk_accuracy
+from .features import SplitFeatures, all_gather_cat, encode, eval_loader, load_encoder, split_features
 from .lars import LARS
 from .run import EvalRun
-
-_HEAD_ORDER_STREAM = 5  # keeps the head's batch order independent of the loader's streams
 
 
 def build_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -41,18 +41,22 @@ def build_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
+def check_head_batch(batch_size: int, train_images: int) -> None:
+    if train_images < batch_size:
+        raise DataError(f"linprobe.batch_size={batch_size} exceeds the {train_images} training images: lower it")
+
+
 class CachedTrainFeatures:
     """Training batches drawn from features extracted once (no augmentation)."""
 
-    def __init__(self, features: Tensor, labels: Tensor, batch_size: int, seed: int):
-        if len(features) < batch_size:
-            raise ValueError(f"linprobe.batch_size={batch_size} exceeds the {len(features)} training images: lower it")
-        self.features, self.labels = features, labels
+    def __init__(self, train: SplitFeatures, batch_size: int, seed: int):
+        check_head_batch(batch_size, len(train.features))
+        self.features, self.labels, self.num_classes = train
         self.batch_size, self.seed = batch_size, seed
-        self.steps_per_epoch = len(features) // batch_size
+        self.steps_per_epoch = len(self.features) // batch_size
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        order = torch.randperm(len(self.features), generator=seeded_generator(self.seed, epoch, _HEAD_ORDER_STREAM))
+        order = torch.randperm(len(self.features), generator=seeded_generator(self.seed, epoch, Stream.HEAD_ORDER))
         for step in range(self.steps_per_epoch):
             rows = order[step * self.batch_size : (step + 1) * self.batch_size]
             yield self.features[rows], self.labels[rows]
@@ -62,15 +66,10 @@ class AugmentedTrainFeatures:
     """Training batches encoded at every step from RandomResizedCrop + flip crops; each process
     encodes its slice of the global batch and the features are gathered."""
 
-    def __init__(self, cfg: EvalConfig, model, run: EvalRun):
-        batch_size, world = cfg.linprobe.batch_size, run.world_size
-        if batch_size % world:
-            raise ValueError(f"linprobe.batch_size={batch_size} is not divisible by the {world} processes")
-        data = replace(cfg.data, batch_size=batch_size // world)
-        self.loader = build_loader(data, img_size=model.img_size, seed=cfg.seed, rank=run.accelerator.process_index,
-                                   world_size=world, train=True, split=cfg.train_split)
-        self.model, self.pool, self.device = model, cfg.encoder.pool, run.accelerator.device
-        self.steps_per_epoch = self.loader.batches_per_epoch
+    def __init__(self, loader: Loader, model, pool: str, device):
+        self.loader, self.model, self.pool, self.device = loader, model, pool, device
+        self.steps_per_epoch = loader.batches_per_epoch
+        self.num_classes = loader.num_classes
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in self.loader.epoch(epoch):
@@ -96,10 +95,15 @@ def linprobe(cfg: EvalConfig) -> dict:
     """Train and evaluate the linear head; returns the final top-1 / top-5 (percent)."""
     run = EvalRun(cfg, "linprobe")
     model = load_encoder(cfg.encoder, cfg.seed).to(run.accelerator.device)
-    val_features, val_labels = split_features(model, cfg, cfg.val_split, run)
-    train = _train_source(cfg, model, run)
+    val_loader, train_loader = eval_loader(cfg, model.img_size, cfg.val_split, run.accelerator), train_images(cfg, model, run)
+    check_head_batch(cfg.linprobe.batch_size, train_loader.num_samples)
+    val = split_features(model, cfg, cfg.val_split, val_loader, run)
+    if cfg.linprobe.augment:
+        train = AugmentedTrainFeatures(train_loader, model, cfg.encoder.pool, run.accelerator.device)
+    else:
+        train = CachedTrainFeatures(split_features(model, cfg, cfg.train_split, train_loader, run), cfg.linprobe.batch_size, cfg.seed)
     set_seed(cfg.seed)  # the same head on every process
-    head = build_head(val_features.shape[1], num_classes(cfg, model.img_size))
+    head = build_head(val.features.shape[1], max(train.num_classes, val.num_classes))
     lp, lr = cfg.linprobe, head_lr(cfg)
     optimizer = LARS(head.parameters(), lr=lr, weight_decay=lp.weight_decay, momentum=lp.momentum)
     total = train.steps_per_epoch * lp.epochs
@@ -119,15 +123,24 @@ def linprobe(cfg: EvalConfig) -> dict:
             optimizer.step()
             losses.append(loss.detach())
             step += 1
-        result = evaluate_head(head, val_features, val_labels)
+        result = evaluate_head(head, val.features, val.labels)
         run.log({"step": step, "epoch": epoch + 1, "loss": torch.stack(losses).mean().item(), "lr": step_lr, **result})
-    run.print(f"linprobe {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({len(val_labels)} images)")
+    run.print(f"linprobe {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({len(val.labels)} images)")
     run.close()
-    return {**result, "val_images": len(val_labels), "steps": step, "head": head}
+    return {**result, "val_images": len(val.labels), "steps": step, "head": head}
 
 
-def _train_source(cfg: EvalConfig, model, run: EvalRun):
-    if cfg.linprobe.augment:
-        return AugmentedTrainFeatures(cfg, model, run)
-    features, labels = split_features(model, cfg, cfg.train_split, run)
-    return CachedTrainFeatures(features, labels, cfg.linprobe.batch_size, cfg.seed)
+def train_images(cfg: EvalConfig, model, run: EvalRun) -> Loader:
+    """The training split: augmented crops, this process's slice of each global head batch, or
+    (linprobe.augment=false) center crops to extract once."""
+    if not cfg.linprobe.augment:
+        return eval_loader(cfg, model.img_size, cfg.train_split, run.accelerator)
+    batch_size, world = cfg.linprobe.batch_size, run.world_size
+    if batch_size % world:
+        raise ConfigError(f"linprobe.batch_size={batch_size} is not divisible by the {world} processes")
+    data = replace(cfg.data, batch_size=batch_size // world)
+    try:
+        return build_loader(data, img_size=model.img_size, seed=cfg.seed, rank=run.accelerator.process_index,
+                            world_size=world, train=True, split=cfg.train_split)
+    except DataError as error:  # its data.batch_size is the head batch here
+        raise DataError(f"linprobe.batch_size={batch_size} (linprobe.augment=true): {error}") from None

@@ -13,7 +13,8 @@ from accelerate import Accelerator
 
 from ..config import Config
 from ..data import build_loader
-from .features import extract_features, topk_accuracy
+from .accuracy import topk_accuracy
+from .features import extract_features
 from .knn import knn_scores
 
 
@@ -43,6 +44,6 @@ class KnnMonitor:
             queries, labels = extract_features(model, self.val, cfg.pool, acc, "kNN val", self.embed_dim)
         finally:
             model.train(was_training)
-        classes = int(torch.cat([bank_labels, labels]).max()) + 1
+        classes = max(self.bank.num_classes, self.val.num_classes)
         scores = knn_scores(bank, bank_labels, queries, k=cfg.k, temperature=cfg.temperature, num_classes=classes)
         return {f"knn_{name}": value for name, value in topk_accuracy(scores, labels).items()}

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from ..errors import ConfigError
 from .pos_embed import get_2d_sincos_pos_embed
 
 __all__ = [
@@ -115,7 +116,7 @@ def _lookup_spec(name: str) -> dict[str, Any]:
         return MODEL_SPECS[name]
     close = difflib.get_close_matches(name, list(MODEL_SPECS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown model {name!r}.{hint} Valid names: {sorted(MODEL_SPECS)}")
+    raise ConfigError(f"unknown model {name!r}.{hint} Valid names: {', '.join(sorted(MODEL_SPECS))}")
 
 
 # --------------------------------------------------------------------------- tensor ops
