@@ -1,7 +1,7 @@
 """The measurements of benchmarks/gpu_check.sh, one section per call (each in its own process).
 
     python benchmarks/gpu_suite.py sweep   --out DIR    # images/s per batch size; best batch per model
-    python benchmarks/gpu_suite.py best    --out DIR    # at the best batch: plain eager vs compile
+    python benchmarks/gpu_suite.py best    --out DIR    # at the best batch: plain eager vs compiled (whole, per block)
     python benchmarks/gpu_suite.py fsdp2   --out DIR    # at the best batch: FSDP2 over one GPU
     python benchmarks/gpu_suite.py encoder --out DIR    # encoder-only vs mask tokens in the encoder
 
@@ -79,10 +79,11 @@ def _compare(args, section: str, model: str, batch: int, variants: dict[str, Ste
 
 
 def best(args: argparse.Namespace) -> None:
-    """Plain step at the best batch: eager vs torch.compile, interleaved."""
+    """Plain step at the best batch: eager vs torch.compile of the whole model and of each block, interleaved."""
     variants = {"eager": StepVariant()}
     if args.compile:
         variants["compile"] = StepVariant(compile=True)
+        variants["compile_blocks"] = StepVariant(compile_blocks=True)
     for model, batch in _best_batches(args).items():
         _compare(args, f"best batch {model}", model, batch, variants)
 

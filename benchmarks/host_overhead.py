@@ -54,9 +54,10 @@ from maescale.optim import build_optimizer  # noqa: E402
 PHASES = ("forward", "backward", "clip", "optimizer")
 # FSDP2 cuts other than the trainer's own ("fsdp2"), to measure the choices against.
 FSDP2_VARIANTS = {
-    "fsdp2_before": parallel.FSDP2Options(reshard_decoder=True, decoder_as_one_unit=False),
+    "fsdp2_before": parallel.FSDP2Options(blocks_per_unit=1, reshard_decoder=True, decoder_as_one_unit=False),
+    "fsdp2_1_block": parallel.FSDP2Options(blocks_per_unit=1),
+    "fsdp2_2_blocks": parallel.FSDP2Options(blocks_per_unit=2),
     "fsdp2_keep": parallel.FSDP2Options(reshard_after_forward=False),
-    "fsdp2_unit_per_block": parallel.FSDP2Options(decoder_as_one_unit=False),
 }
 CANDIDATES = ("plain", "ddp", *FSDP2_VARIANTS, "fsdp2", "zero2", "zero3")
 PROFILE_AREAS = (  # first match wins: (label, substring of the function's file or name)

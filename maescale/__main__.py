@@ -312,7 +312,9 @@ SUBCOMMAND_PARSERS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maescale", description="Masked Autoencoder pretraining for Vision Transformers.")
+    parser = argparse.ArgumentParser(
+        prog="maescale", description="Masked Autoencoder pretraining for Vision Transformers."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for add_parser in SUBCOMMAND_PARSERS:
         add_parser(sub)

@@ -35,7 +35,8 @@ class StepVariant:
     """One way to run the training step; the defaults are maescale's own choices."""
 
     attention: str = "sdpa"  # "sdpa": fused scaled_dot_product_attention; "explicit": q @ k^T, softmax, @ v
-    compile: bool = False
+    compile: bool = False  # torch.compile the whole model
+    compile_blocks: bool = False  # torch.compile each transformer block (as the trainer does under FSDP2)
     fused_adamw: bool = True  # as the trainer (optim.fused); False: torch's default implementation
     activation_checkpointing: bool = False
     mask_tokens_in_encoder: bool = False  # the paper's "w/ [M] in encoder" baseline
@@ -108,8 +109,17 @@ class StepBench:
         model = self.model
         model.activation_checkpointing = variant.activation_checkpointing
         model.mask_tokens_in_encoder = variant.mask_tokens_in_encoder
-        for block in [*model.blocks, *model.decoder_blocks]:
+        for block in parallel.transformer_blocks(model):
             block.attn.fused_attn = variant.attention == "sdpa"
+            self._use_compiled_block(block, variant.compile_blocks)
+
+    def _use_compiled_block(self, block: torch.nn.Module, compiled: bool) -> None:
+        """Point the block at its compiled forward (made once, kept) or back at its class's eager one."""
+        if compiled and not hasattr(block, "_compiled_forward"):
+            block._compiled_forward = torch.compile(type(block).forward.__get__(block))
+        vars(block).pop("forward", None)
+        if compiled:
+            block.forward = block._compiled_forward
 
     def step_fn(self, variant: StepVariant) -> Callable[[], torch.Tensor]:
         """A closure running one optimizer step of `variant` (call `apply(variant)` first)."""

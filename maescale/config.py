@@ -41,14 +41,34 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic", "folder", "ffcv"] = opt("synthetic", "Dataset kind: synthetic (embedded), folder (ImageNet layout) or ffcv (.beton files from `maescale write-beton`).")
-    path: Optional[str] = opt(None, "Dataset root for kind=folder: <root>/<class>/*.jpg or a split folder; for kind=ffcv a .beton file or a folder of <split>.beton.")
+    kind: Literal["synthetic", "folder", "ffcv"] = opt(
+        "synthetic",
+        "Dataset kind: synthetic (embedded), folder (ImageNet layout) or ffcv (.beton files from `maescale "
+        "write-beton`)."
+    )
+    path: Optional[str] = opt(
+        None,
+        "Dataset root for kind=folder: <root>/<class>/*.jpg or a split folder; for kind=ffcv a .beton file or a folder "
+        "of <split>.beton."
+    )
     batch_size: int = opt(64, "Images per process per micro-batch.")
-    num_workers: int = opt(2, "DataLoader worker processes per process (0 = load in the main process); kind=ffcv: decoding threads (0 counts as 1).")
+    num_workers: int = opt(
+        2,
+        "DataLoader worker processes per process (0 = load in the main process); kind=ffcv: decoding threads (0 counts "
+        "as 1)."
+    )
     synthetic_size: int = opt(20000, "Number of images of the synthetic dataset.")
     crop_min_scale: float = opt(0.2, "Lower area bound of RandomResizedCrop (paper: 0.2).")
-    ffcv_order: Literal["random", "quasi_random"] = opt("random", "kind=ffcv: epoch order; quasi_random shuffles within pages for files larger than RAM (needs ffcv_os_cache=false).")
-    ffcv_os_cache: bool = opt(True, "kind=ffcv: read through the OS page cache (fastest when the file fits in RAM); false reads pages into process memory.")
+    ffcv_order: Literal["random", "quasi_random"] = opt(
+        "random",
+        "kind=ffcv: epoch order; quasi_random shuffles within pages for files larger than RAM (needs "
+        "ffcv_os_cache=false)."
+    )
+    ffcv_os_cache: bool = opt(
+        True,
+        "kind=ffcv: read through the OS page cache (fastest when the file fits in RAM); false reads pages into process "
+        "memory."
+    )
 
 
 @dataclass
@@ -60,7 +80,11 @@ class OptimConfig:
     beta1: float = opt(0.9, "AdamW beta1.")
     beta2: float = opt(0.95, "AdamW beta2 (paper: 0.95).")
     clip_grad: Optional[float] = opt(None, "Clip the global gradient norm to this value; None = no clipping.")
-    fused: bool = opt(True, "Use the fused AdamW kernel: one kernel for all parameters, faster than the per-tensor loop on CPU and GPU (measured in docs/BENCHMARKS.md); false uses torch's default implementation.")
+    fused: bool = opt(
+        True,
+        "Use the fused AdamW kernel: one kernel for all parameters, faster than the per-tensor loop on CPU and GPU "
+        "(measured in docs/BENCHMARKS.md); false uses torch's default implementation."
+    )
 
 
 @dataclass
@@ -75,10 +99,20 @@ class TrainConfig:
     accum_iter: int = opt(1, "Micro-batches accumulated per optimizer step.")
     precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 runs the forward under bf16 autocast.")
     compile: bool = opt(False, "torch.compile the model.")
-    nonfinite: Literal["stop", "skip"] = opt("stop", "On a NaN/inf loss: 'stop' (checked on logging and checkpoint steps, no extra sync) or 'skip' the update (checks loss and gradients every step: one host sync per step).")
-    max_nonfinite_skips: int = opt(10, "With train.nonfinite=skip: stop once more updates than this were skipped in one run.")
+    nonfinite: Literal["stop", "skip"] = opt(
+        "stop",
+        "On a NaN/inf loss: 'stop' (checked on logging and checkpoint steps, no extra sync) or 'skip' the update "
+        "(checks loss and gradients every step: one host sync per step)."
+    )
+    max_nonfinite_skips: int = opt(
+        10,
+        "With train.nonfinite=skip: stop once more updates than this were skipped in one run."
+    )
     log_every: int = opt(10, "Optimizer steps between metric lines (the only host syncs of the loop).")
-    figure_every: Optional[int] = opt(None, "Optimizer steps between reconstruction figures; the last step always gets one.")
+    figure_every: Optional[int] = opt(
+        None,
+        "Optimizer steps between reconstruction figures; the last step always gets one."
+    )
 
 
 @dataclass
@@ -89,6 +123,7 @@ class ParallelConfig:
     replicate_degree: int = opt(1, "FSDP2: >1 gives HSDP, replicas of this many groups, each sharding the model (e.g. nodes); must divide the process count.")
     cpu_offload: bool = opt(False, "FSDP2: keep sharded weights, gradients and optimizer state in host memory and step the optimizer there (fits larger models on fewer GPUs, slower steps).")
     backend: Literal["auto", "nccl", "gloo"] = opt("auto", "Process-group backend: auto picks nccl when every process on the node has a GPU of its own, otherwise gloo with the processes computing on the CPU (e.g. 2-process tests on a 1-GPU machine); nccl or gloo forces it.")
+    blocks_per_unit: int = opt(4, "FSDP2: encoder blocks sharded together as one unit (one all-gather and one reduce-scatter per step each); fewer units cost less host time per step (docs/BENCHMARKS.md), each holds that many gathered blocks at a time.")
     reshard_after_forward: bool = opt(True, "FSDP2: free gathered block weights after forward (ZeRO-3 style); False keeps them until backward (ZeRO-2 style, more memory, less communication).")
 
 
@@ -96,7 +131,11 @@ class ParallelConfig:
 class CheckpointConfig:
     every_steps: int = opt(1000, "Optimizer steps between checkpoints; one is also written at the end.")
     keep_last: int = opt(3, "Number of step checkpoints to keep (older ones are deleted).")
-    resume: str = opt("auto", "'auto' resumes from the newest complete checkpoint in output_dir, 'none' starts fresh, or a checkpoint folder path.")
+    resume: str = opt(
+        "auto",
+        "'auto' resumes from the newest complete checkpoint in output_dir, 'none' starts fresh, or a checkpoint folder "
+        "path."
+    )
 
 
 Pool = Literal["cls", "mean"]
@@ -126,7 +165,10 @@ class MonitorConfig(KnnConfig):
         "Optimizer steps between kNN checks of the encoder on labelled held-out images (null = off; one also runs "
         "at the end): top-1/top-5 go to metrics.jsonl as knn_top1/knn_top5.",
     )
-    bank_split: str = opt("train", "Split whose center crops form the kNN bank (folder: <data.path>/<split>; synthetic: train or val).")
+    bank_split: str = opt(
+        "train",
+        "Split whose center crops form the kNN bank (folder: <data.path>/<split>; synthetic: train or val)."
+    )
     val_split: str = opt("val", "Split classified by its neighbours in the bank (e.g. val, or test for CIFAR-10).")
     bank_images: int = opt(5000, "Evenly spaced images of bank_split encoded at each check.")
     val_images: int = opt(1000, "Evenly spaced images of val_split classified at each check.")
@@ -153,7 +195,9 @@ DERIVED = "derived"
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = None) -> Any:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = None
+) -> Any:
     """Build a validated config from defaults, an optional YAML file and `key=value` overrides.
 
     `schema` is the root dataclass (default: the pretraining Config); other roots, such as the
@@ -218,7 +262,9 @@ def _unknown_key_message(full_key: str, key: str, names: list[str]) -> str:
     prefix = full_key[: -len(key)]
     by_lower = {name.lower(): name for name in names}
     close = [by_lower[m] for m in difflib.get_close_matches(key.lower(), list(by_lower), n=1)]
-    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys here: {', '.join(prefix + n for n in names)}"
+    hint = (
+        f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys here: {', '.join(prefix + n for n in names)}"
+    )
     return f"unknown config key {full_key!r}{hint}"
 
 
@@ -311,32 +357,46 @@ def knn_checks(knn: KnnConfig, section: str) -> list[tuple[bool, str]]:
 def validate(cfg: Config) -> None:
     """Reject impossible values with the key's name, before any work starts."""
     check_data(cfg.data)
-    raise_first_failure([
-        (0.0 < cfg.model.mask_ratio < 1.0, "model.mask_ratio must be in (0, 1)"),
-        (cfg.optim.blr > 0, "optim.blr must be positive"),
-        (cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr must be positive"),
-        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
-        (cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "optim.clip_grad must be positive or null"),
-        (cfg.schedule.epochs > 0, "schedule.epochs must be positive"),
-        (0 <= cfg.schedule.warmup_epochs <= cfg.schedule.epochs, "schedule.warmup_epochs must be in [0, schedule.epochs]"),
-        (cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps must be positive or null"),
-        (cfg.train.accum_iter > 0, "train.accum_iter must be positive"),
-        (cfg.train.log_every > 0, "train.log_every must be positive"),
-        (cfg.train.figure_every is None or cfg.train.figure_every > 0, "train.figure_every must be positive or null"),
-        (cfg.parallel.replicate_degree > 0, "parallel.replicate_degree must be positive"),
-        (cfg.parallel.zero_stage in (1, 2, 3), "parallel.zero_stage must be 1, 2 or 3"),
-        (cfg.train.max_nonfinite_skips >= 0, "train.max_nonfinite_skips must be >= 0"),
-        (cfg.train.nonfinite == "stop" or cfg.parallel.strategy != "deepspeed",
-         "train.nonfinite=skip is not available with parallel.strategy=deepspeed (its engine steps inside backward)"),
-        (cfg.parallel.strategy == "fsdp2" or not cfg.parallel.cpu_offload,
-         "parallel.cpu_offload needs parallel.strategy=fsdp2"),
-        (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
-        (cfg.checkpoint.keep_last > 0, "checkpoint.keep_last must be positive"),
-        (cfg.monitor.knn_every is None or cfg.monitor.knn_every > 0, "monitor.knn_every must be positive or null"),
-        (cfg.monitor.bank_images > 0, "monitor.bank_images must be positive"),
-        (cfg.monitor.val_images > 0, "monitor.val_images must be positive"),
-        *knn_checks(cfg.monitor, "monitor"),
-    ])
+    raise_first_failure(
+        [
+            (0.0 < cfg.model.mask_ratio < 1.0, "model.mask_ratio must be in (0, 1)"),
+            (cfg.optim.blr > 0, "optim.blr must be positive"),
+            (cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr must be positive"),
+            (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "optim.clip_grad must be positive or null"),
+            (cfg.schedule.epochs > 0, "schedule.epochs must be positive"),
+            (
+                0 <= cfg.schedule.warmup_epochs <= cfg.schedule.epochs,
+                "schedule.warmup_epochs must be in [0, schedule.epochs]",
+            ),
+            (cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps must be positive or null"),
+            (cfg.train.accum_iter > 0, "train.accum_iter must be positive"),
+            (cfg.train.log_every > 0, "train.log_every must be positive"),
+            (
+                cfg.train.figure_every is None or cfg.train.figure_every > 0,
+                "train.figure_every must be positive or null",
+            ),
+            (cfg.parallel.replicate_degree > 0, "parallel.replicate_degree must be positive"),
+            (cfg.parallel.blocks_per_unit > 0, "parallel.blocks_per_unit must be positive"),
+            (cfg.parallel.zero_stage in (1, 2, 3), "parallel.zero_stage must be 1, 2 or 3"),
+            (cfg.train.max_nonfinite_skips >= 0, "train.max_nonfinite_skips must be >= 0"),
+            (
+                cfg.train.nonfinite == "stop" or cfg.parallel.strategy != "deepspeed",
+                "train.nonfinite=skip is not available with parallel.strategy=deepspeed "
+                "(its engine steps inside backward)",
+            ),
+            (
+                cfg.parallel.strategy == "fsdp2" or not cfg.parallel.cpu_offload,
+                "parallel.cpu_offload needs parallel.strategy=fsdp2",
+            ),
+            (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
+            (cfg.checkpoint.keep_last > 0, "checkpoint.keep_last must be positive"),
+            (cfg.monitor.knn_every is None or cfg.monitor.knn_every > 0, "monitor.knn_every must be positive or null"),
+            (cfg.monitor.bank_images > 0, "monitor.bank_images must be positive"),
+            (cfg.monitor.val_images > 0, "monitor.val_images must be positive"),
+            *knn_checks(cfg.monitor, "monitor"),
+        ]
+    )
     img, patch = cfg.model.img_size, cfg.model.patch_size
     if img is not None and patch is not None and img % patch:
         raise ConfigError(f"model.img_size={img} is not divisible by model.patch_size={patch}")

@@ -18,8 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -66,7 +65,9 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "consolidated", config:
         raise ConfigError(f"unknown export format {fmt!r}; choose {', '.join(EXPORT_FORMATS)}")
     cfg, model = load_run_model(Path(ckpt), config)
     if fmt == "consolidated":
-        return save_safetensors(model.state_dict(), out, {METADATA_FORMAT: "consolidated", METADATA_MODEL: cfg.model.name})
+        return save_safetensors(
+            model.state_dict(), out, {METADATA_FORMAT: "consolidated", METADATA_MODEL: cfg.model.name}
+        )
     if fmt == "timm":
         return export_timm(model, out, cfg.model.name)
     return export_release(model, out)
@@ -189,7 +190,11 @@ def load_mae_state(model: MaskedAutoencoderViT, state: dict[str, Tensor], source
             f"{source} does not fit {type(model).__name__} of this size: unexpected {unexpected[:8]}, "
             f"missing encoder keys {missing_encoder[:8]}, missing decoder keys {missing_decoder[:8]}"
         )
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape]
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if v.shape != expected[k].shape
+    ]
     if shapes:
         raise WeightsMismatchError(f"{source}: shapes differ (wrong encoder.model?): {shapes[:4]}")
     has_decoder = bool(present_decoder)
@@ -206,7 +211,9 @@ def load_weights_file(path: str | Path, model_name: str | None) -> MaskedAutoenc
     state, metadata = read_state_dict(path)
     name = model_name or metadata.get(METADATA_MODEL)
     if name is None:
-        raise WeightsMismatchError(f"{path}: the file does not name its model; set encoder.model (e.g. mae_vit_base_patch16)")
+        raise WeightsMismatchError(
+            f"{path}: the file does not name its model; set encoder.model (e.g. mae_vit_base_patch16)"
+        )
     model = build_model(name)
     load_mae_state(model, state, str(path))
     return model.eval()

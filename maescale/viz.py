@@ -137,7 +137,11 @@ def folder_images(folder: str, img_size: int, count: int) -> torch.Tensor:
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"--images {folder}: no such folder")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    paths = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
     if not paths:
         raise DataError(f"--images {folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it")
     transform = EvalTransform(img_size)
@@ -154,7 +158,9 @@ def folder_images(folder: str, img_size: int, count: int) -> torch.Tensor:
     return torch.stack(images)
 
 
-def visualize(cfg_path: str | None, overrides, *, ckpt: str, out: str, images: str | None, num_images: int, seed: int) -> Path:
+def visualize(
+    cfg_path: str | None, overrides, *, ckpt: str, out: str, images: str | None, num_images: int, seed: int
+) -> Path:
     """The figure of `num_images` images (the run's dataset, or `images`) reconstructed by checkpoint `ckpt`."""
     ckpt = Path(ckpt)
     cfg, model = load_run_model(ckpt, cfg_path, overrides)

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -65,12 +66,23 @@ BAD_FILES = ("cat/b_truncated.jpg", "cat/e_text.jpg", "dog/a_empty.jpg")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped, with the reason, where there is none")
+    config.addinivalue_line("markers", "deepspeed: runs DeepSpeed on the CPU; skipped, with the reason, where it cannot")
+
+
+def _deepspeed_skip_reason() -> str | None:
+    if importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed (pip install 'maescale[deepspeed]')"
+    if torch.cuda.is_available():  # parallel.build_accelerator refuses DeepSpeed on the gloo fallback
+        return "the DeepSpeed tests run on the CPU, which Accelerate does not allow DeepSpeed where a GPU is present"
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU: none on this machine (run on one with `pytest -m cuda`)")
+    reasons = {
+        "cuda": None if torch.cuda.is_available() else "needs a CUDA GPU: none on this machine",
+        "deepspeed": _deepspeed_skip_reason(),
+    }
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in reasons.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from maescale.data.ffcv_loader import FFCVEpochLoader
-from maescale.data.loader import sample_mask_seed
+from maescale.data.seeding import sample_mask_seed
 
 SEED, EPOCH, BATCH = 3, 1, 4
 
@@ -21,7 +21,9 @@ SEED, EPOCH, BATCH = 3, 1, 4
 def main(beton: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    loader = FFCVEpochLoader(beton, img_size=32, batch_size=BATCH, seed=SEED, rank=rank, world_size=world, num_workers=1)
+    loader = FFCVEpochLoader(
+        beton, img_size=32, batch_size=BATCH, seed=SEED, rank=rank, world_size=world, num_workers=1
+    )
     index_of_seed = {sample_mask_seed(SEED, EPOCH, i): i for i in range(loader.num_samples)}
     indices, labels, batches = [], [], 0
     for batch in loader.epoch(EPOCH):

@@ -210,7 +210,16 @@ def test_gpu_check_script_is_valid_and_names_real_sections():
     subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=REPO, check=True)
     text = (REPO / "benchmarks/gpu_check.sh").read_text()
     sections = re.findall(r"^section (\w+) \d+", text, flags=re.M)
-    assert sections == ["sweep", "encoder", "fsdp2", "best"] and set(sections) <= set(gpu_suite.SECTIONS)
+    assert sections == ["sweep", "best", "fsdp2"] and set(sections) <= set(gpu_suite.SECTIONS)
+    for script in re.findall(r"python (benchmarks/\w+\.py)", text):
+        assert (REPO / script).is_file(), script
+    for test in re.findall(r"(tests/test_\w+\.py)", text):
+        assert (REPO / test).is_file(), test
+    # Every step has a time limit, and together they fit the 8 minutes (the trainer's runs once per strategy).
+    limits = [int(n) for n in re.findall(r"timeout (\d+)", text) + re.findall(r"^section \w+ (\d+)", text, re.M)]
+    per_strategy = int(re.search(r"timeout (\d+) python -m torch.distributed.run", text).group(1))
+    strategies = re.search(r"for strategy in ([\w ]+);", text).group(1).split()
+    assert sum(limits) + per_strategy * (len(strategies) - 1) <= 8 * 60
 
 
 def test_gpu_suite_sections_on_cpu(tmp_path):
@@ -251,3 +260,27 @@ def test_cpu_clock_ignores_time_off_the_cpu():
     cpu = torch.device("cpu")
     assert time_steps(lambda: time.sleep(0.05), 2, cpu, clock="wall") >= 0.05
     assert time_steps(lambda: time.sleep(0.05), 2, cpu, clock="cpu") < 0.02
+
+
+def test_host_overhead_breaks_steps_down_for_every_strategy(tmp_path):
+    """Both modes of benchmarks/host_overhead.py on the micro model, 1 and 2 real gloo processes."""
+    rows_file = tmp_path / "rows.jsonl"
+    common = ["--models", MICRO, "--batch-sizes", "2", "--rounds", "1", "--steps", "1", "--warmup", "1",
+              "--jsonl", str(rows_file)]
+    _script("benchmarks/host_overhead.py", *common, "--world-sizes", "1", "2", "--profile", "--profile-steps", "1",
+            "--candidates", "plain", "ddp", "fsdp2_before", "fsdp2")
+    _script("benchmarks/host_overhead.py", *common, "--world-sizes", "2", "--trainer", "--trainer-steps", "2",
+            "--trainer-workers", "0")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    steps = {(r["world"], r["candidate"]): r for r in rows if "candidate" in r}
+    assert set(steps) == {(1, "plain"), (1, "ddp"), (1, "fsdp2_before"), (1, "fsdp2"), (2, "ddp"), (2, "fsdp2_before"),
+                          (2, "fsdp2")}
+    for row in steps.values():
+        assert row["step"] == pytest.approx(sum(row[p] for p in ("forward", "backward", "clip", "optimizer")))
+    # micro: 2 encoder blocks, 1 decoder block, the root: 3 units grouped (blocks_per_unit=4), 4 one per block
+    assert steps[(1, "fsdp2")]["units"] == 3 and steps[(1, "fsdp2_before")]["units"] == 4
+    assert steps[(1, "fsdp2")]["profile"]["FSDP2"] > 0 and "FSDP2" not in steps[(1, "plain")]["profile"]
+    assert steps[(1, "fsdp2_before")]["profile"]["DTensor"] > steps[(1, "fsdp2")]["profile"].get("DTensor", 0)
+    trainer = [r for r in rows if "strategy" in r]
+    assert [(r["world"], r["strategy"]) for r in trainer] == [(2, "ddp"), (2, "fsdp2")]
+    assert all(r["trainer_ms"] > 0 and r["bare_ms"] > 0 for r in trainer)

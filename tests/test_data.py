@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BAD_FILES, write_mixed_image_folder
 from PIL import Image
 
+from maescale.config import DataConfig
 from maescale.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -17,17 +19,14 @@ from maescale.data import (
     EpochLoader,
     EvalTransform,
     ImageFolderDataset,
-    MAETrainTransform,
     Loader,
+    MAETrainTransform,
     SyntheticShapes,
     build_loader,
 )
-from maescale.config import DataConfig
-from maescale.errors import ConfigError, DataError
 from maescale.data.synthetic import NUM_CLASSES
 from maescale.data.transforms import sample_crop_box
-
-from conftest import BAD_FILES, write_mixed_image_folder
+from maescale.errors import ConfigError, DataError
 
 
 def data_cfg(**overrides) -> DataConfig:
@@ -36,7 +35,9 @@ def data_cfg(**overrides) -> DataConfig:
 
 
 def unreadable_notices(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "unreadable image" in r.getMessage()]
+    return [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "unreadable image" in r.getMessage()
+    ]
 
 
 class IndexDataset(torch.utils.data.Dataset):
@@ -387,7 +388,12 @@ def test_ranks_are_disjoint_and_cover_epoch_minus_tail():
 def test_mask_noise_follows_the_sample_not_the_split():
     """The same sample gets the same mask seed on 2 ranks of batch 4 as on 1 process of batch 8."""
     single = next(build_loader(data_cfg(synthetic_size=64, batch_size=8), img_size=32, seed=4).epoch(1))
-    ranks = [next(build_loader(data_cfg(synthetic_size=64, batch_size=4), img_size=32, seed=4, rank=r, world_size=2).epoch(1)) for r in range(2)]
+    ranks = [
+        next(
+            build_loader(data_cfg(synthetic_size=64, batch_size=4), img_size=32, seed=4, rank=r, world_size=2).epoch(1)
+        )
+        for r in range(2)
+    ]
     assert torch.equal(single.mask_noise(16), torch.cat([r.mask_noise(16) for r in ranks]))
     assert single.mask_noise(16).shape == (8, 16)
     assert len(set(single.seeds.tolist())) == 8  # every sample its own mask

@@ -18,8 +18,9 @@ from PIL import Image
 from maescale import parallel
 from maescale.__main__ import main
 from maescale.config import ConfigError, load_config
-from maescale.evaluate.config import EvalConfig
+from maescale.data import SyntheticShapes, build_loader
 from maescale.evaluate.accuracy import topk_accuracy
+from maescale.evaluate.config import EvalConfig
 from maescale.evaluate.features import gather_in_order, pooled
 from maescale.evaluate.finetune import classifier_from_mae, finetune, layer_decay_groups
 from maescale.evaluate.knn import knn_scores
@@ -27,7 +28,6 @@ from maescale.evaluate.lars import LARS
 from maescale.evaluate.linprobe import build_head
 from maescale.evaluate.monitor import KnnMonitor
 from maescale.metrics import read_metrics
-from maescale.data import SyntheticShapes, build_loader
 from maescale.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,15 @@ def cli(*args: str, nproc: int = 1) -> str:
         return out.getvalue() + err.getvalue()
     from test_distributed import free_port
 
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m", "maescale"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "maescale",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -170,9 +178,19 @@ def test_classifier_keeps_the_encoder_and_interpolates_position_embeddings():
 
 
 def test_finetune_a_few_steps_at_another_resolution(tmp_path):
-    cfg = load_config(None, [f"output_dir={tmp_path}", "encoder.model=mae_vit_micro_patch4", *EVAL_DATA,
-                             "finetune.img_size=40", "finetune.max_steps=3", "finetune.log_every=1", "finetune.blr=1e-3"],
-                      schema=EvalConfig)
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            "encoder.model=mae_vit_micro_patch4",
+            *EVAL_DATA,
+            "finetune.img_size=40",
+            "finetune.max_steps=3",
+            "finetune.log_every=1",
+            "finetune.blr=1e-3",
+        ],
+        schema=EvalConfig,
+    )
     result = finetune(cfg)
     rows = [r for r in read_metrics(tmp_path) if r["protocol"] == "finetune"]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
@@ -192,9 +210,21 @@ def test_finetune_a_few_steps_at_another_resolution(tmp_path):
 def pretrained(tmp_path_factory) -> Path:
     """A micro MAE pretrained for a few steps on the synthetic shapes (through the CLI)."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    cli("pretrain", f"output_dir={out}", "model.name=mae_vit_micro_patch4", "data.synthetic_size=256", "data.batch_size=32",
-        "data.num_workers=0", "schedule.epochs=2", "schedule.warmup_epochs=0.5", "optim.blr=2e-3", "train.log_every=4",
-        "monitor.knn_every=5", "monitor.bank_images=64", "monitor.val_images=32")
+    cli(
+        "pretrain",
+        f"output_dir={out}",
+        "model.name=mae_vit_micro_patch4",
+        "data.synthetic_size=256",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0.5",
+        "optim.blr=2e-3",
+        "train.log_every=4",
+        "monitor.knn_every=5",
+        "monitor.bank_images=64",
+        "monitor.val_images=32",
+    )
     return out / "checkpoints" / "step_00000016"
 
 
@@ -205,7 +235,9 @@ def test_online_knn_monitor_runs_every_n_steps_and_at_the_end(pretrained):
 
 
 def test_knn_monitor_equals_knn_of_directly_encoded_images():
-    cfg = load_config(overrides=[*EVAL_DATA, "monitor.bank_images=40", "monitor.val_images=20", "monitor.k=5", "data.batch_size=16"])
+    cfg = load_config(
+        overrides=[*EVAL_DATA, "monitor.bank_images=40", "monitor.val_images=20", "monitor.k=5", "data.batch_size=16"]
+    )
     torch.manual_seed(0)
     model = build_model("mae_vit_micro_patch4").train()
     monitor = KnnMonitor(cfg, parallel.build_accelerator(cfg), model.img_size, model.embed_dim)
@@ -229,7 +261,9 @@ def test_knn_monitor_equals_knn_of_directly_encoded_images():
 def test_pretrain_then_linprobe_then_knn_through_the_cli(pretrained, tmp_path):
     out = tmp_path / "eval"
     common = [f"output_dir={out}", f"encoder.ckpt={pretrained}", *EVAL_DATA]
-    lp = cli("linprobe", *common, "linprobe.batch_size=64", "linprobe.epochs=6", "linprobe.warmup_epochs=1", "linprobe.blr=5")
+    lp = cli(
+        "linprobe", *common, "linprobe.batch_size=64", "linprobe.epochs=6", "linprobe.warmup_epochs=1", "linprobe.blr=5"
+    )
     assert "linprobe val: top-1" in lp
     kn = cli("knn", *common, "knn.k=10")
     assert "features of train read from" in kn  # linprobe's features reused
@@ -243,8 +277,15 @@ def test_pretrain_then_linprobe_then_knn_through_the_cli(pretrained, tmp_path):
 
 
 def test_linprobe_on_two_processes_matches_one(pretrained, tmp_path):
-    args = [f"encoder.ckpt={pretrained}", *EVAL_DATA, "data.batch_size=32", "linprobe.batch_size=64", "linprobe.epochs=2",
-            "linprobe.warmup_epochs=1", "linprobe.augment=true"]
+    args = [
+        f"encoder.ckpt={pretrained}",
+        *EVAL_DATA,
+        "data.batch_size=32",
+        "linprobe.batch_size=64",
+        "linprobe.epochs=2",
+        "linprobe.warmup_epochs=1",
+        "linprobe.augment=true",
+    ]
     cli("linprobe", f"output_dir={tmp_path / 'one'}", *args)
     cli("linprobe", f"output_dir={tmp_path / 'two'}", *args, nproc=2)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -278,8 +319,16 @@ def test_knn_and_linprobe_pipeline_on_cifar10_jpegs(tmp_path):
     root = unpack_cifar_subset(tmp_path / "cifar10", {"train": 40, "test": 20})
     with Image.open(next((root / "test").rglob("*.jpg"))) as image:
         assert image.size == (32, 32)
-    common = [f"output_dir={tmp_path / 'eval'}", "encoder.model=mae_vit_micro_patch4", "encoder.pool=mean", "data.kind=folder",
-              f"data.path={root}", "val_split=test", "data.batch_size=100", "data.num_workers=0"]
+    common = [
+        f"output_dir={tmp_path / 'eval'}",
+        "encoder.model=mae_vit_micro_patch4",
+        "encoder.pool=mean",
+        "data.kind=folder",
+        f"data.path={root}",
+        "val_split=test",
+        "data.batch_size=100",
+        "data.num_workers=0",
+    ]
     cli("linprobe", *common, "linprobe.batch_size=100", "linprobe.epochs=3", "linprobe.warmup_epochs=1")
     cli("knn", *common)
     rows = read_metrics(tmp_path / "eval")

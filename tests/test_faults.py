@@ -96,8 +96,10 @@ def straight_nine_steps(tmp_path_factory) -> list[float]:
     return [row["loss"] for row in read_metrics(out)]
 
 
-@pytest.mark.parametrize("strategy", [["parallel.strategy=fsdp2"], ["parallel.strategy=deepspeed", "parallel.zero_stage=2"]],
-                         ids=["fsdp2", "zero2"])
+@pytest.mark.parametrize("strategy", [
+    pytest.param(["parallel.strategy=fsdp2"], id="fsdp2"),
+    pytest.param(["parallel.strategy=deepspeed", "parallel.zero_stage=2"], id="zero2", marks=pytest.mark.deepspeed),
+])
 def test_a_rank_killed_mid_training_ends_the_job_and_the_rerun_continues_exactly(tmp_path, strategy, straight_nine_steps):
     out = tmp_path / "run"
     root = checkpoint.checkpoint_root(out)

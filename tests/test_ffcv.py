@@ -28,7 +28,9 @@ from PIL import Image
 from maescale.data.ffcv_compat import ffcv_available, group_operations
 from maescale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-pytestmark = pytest.mark.skipif(not ffcv_available(), reason="ffcv is not installed (pip install -e '.[ffcv]', see README)")
+pytestmark = pytest.mark.skipif(
+    not ffcv_available(), reason="ffcv is not installed (pip install -e '.[ffcv]', see README)"
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BSDS = REPO.parent / "shared" / "data" / "bsds500-jpeg.tar.gz"
@@ -130,7 +132,6 @@ def normalised_bounds() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_writer_skips_truncated_file_and_is_deterministic(image_folder, written, tmp_path):
-    from maescale.data.ffcv_writer import BetonOptions, write_beton
 
     out, summary = written
     total = GRADIENTS + PHOTOS + 2
@@ -230,7 +231,7 @@ def test_resume_mid_epoch_gives_the_tail(train_loader):
 
 
 def test_mask_seeds_match_the_folder_loader(train_loader, image_folder):
-    from maescale.data.loader import sample_mask_seed
+    from maescale.data.seeding import sample_mask_seed
 
     with deadline(120):
         batch = next(iter(train_loader.epoch(0)))
@@ -246,7 +247,9 @@ def test_eval_batches_are_center_crops_covering_every_image(written):
         loader = FFCVEpochLoader(written[0], img_size=IMG_SIZE, batch_size=8, seed=0, num_workers=1, train=False)
         batches = [list(loader.epoch(e)) for e in (0, 1)]
         # eval_subset (the kNN monitor's): the same center crops of evenly spaced images
-        subset = FFCVEpochLoader(written[0], img_size=IMG_SIZE, batch_size=4, seed=0, num_workers=1, train=False, eval_subset=5)
+        subset = FFCVEpochLoader(
+            written[0], img_size=IMG_SIZE, batch_size=4, seed=0, num_workers=1, train=False, eval_subset=5
+        )
         picked = torch.cat([b.images for b in subset.epoch(0)])
     assert torch.equal(picked, torch.cat([b.images for b in batches[0]])[subset.eval_selection()])
     assert [len(b.labels) for b in batches[0]] == [8] * (count // 8) + [count % 8]

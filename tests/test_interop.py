@@ -93,8 +93,19 @@ def test_official_files_import_strictly_encoder_only_and_full(caplog):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    cfg = load_config(None, [f"output_dir={out}", f"model.name={MICRO}", "data.synthetic_size=64", "data.batch_size=16",
-                             "data.num_workers=0", "schedule.epochs=1", "schedule.warmup_epochs=0", "train.log_every=2"])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={out}",
+            f"model.name={MICRO}",
+            "data.synthetic_size=64",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "schedule.epochs=1",
+            "schedule.warmup_epochs=0",
+            "train.log_every=2",
+        ],
+    )
     return pretrain(cfg)["checkpoint"]
 
 
@@ -151,7 +162,8 @@ def test_import_official_then_continue_pretraining_and_evaluate(tmp_path, capsys
 
 def test_import_reports_a_wrong_model(tmp_path, capsys):
     weights = official_file(tmp_path / "w.pth", build_model(MICRO), encoder_only=True)
-    code, _, err = cli(capsys, "import", "--weights", str(weights), "--model", "mae_vit_tiny_patch4", "--out", str(tmp_path / "r"), ok=False)
+    args = ["import", "--weights", str(weights), "--model", "mae_vit_tiny_patch4", "--out", str(tmp_path / "r")]
+    code, _, err = cli(capsys, *args, ok=False)
     assert code == 2 and "does not fit" in err and str(weights) in err
 
 
@@ -161,12 +173,13 @@ def test_visualize_a_flat_image_folder_with_a_fixed_mask_seed(short_run, tmp_pat
     shapes = SyntheticShapes(3, 40, seed=5)
     for i in range(3):
         Image.fromarray(shapes[i][0].permute(1, 2, 0).numpy()).save(folder / f"{i}.jpg")
-    figures = []
-    for name in ("a.png", "b.png"):
-        cli(capsys, "visualize", "--ckpt", str(short_run), "--images", str(folder), "--out", str(tmp_path / name), "--seed", "3")
-        figures.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    def draw(name: str, seed: int) -> str:
+        out, images = tmp_path / name, str(folder)
+        cli(capsys, "visualize", "--ckpt", str(short_run), "--images", images, "--out", str(out), "--seed", str(seed))
+        return hashlib.sha256(out.read_bytes()).hexdigest()
+
+    figures = [draw("a.png", 3), draw("b.png", 3)]
     assert figures[0] == figures[1]  # same seed, same mask, same figure
     with Image.open(tmp_path / "a.png") as image:
         assert image.size[0] > image.size[1]  # 4 panels wide, 3 rows high
-    cli(capsys, "visualize", "--ckpt", str(short_run), "--images", str(folder), "--out", str(tmp_path / "c.png"), "--seed", "4")
-    assert hashlib.sha256((tmp_path / "c.png").read_bytes()).hexdigest() != figures[0]
+    assert draw("c.png", 4) != figures[0]

@@ -8,8 +8,8 @@ import math
 import pytest
 import timm
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from maescale.models import (
     MODEL_SPECS,

@@ -47,11 +47,18 @@ def test_backend_key_is_checked_by_the_config():
         load_config(None, ["parallel.backend=mpi"])
 
 
-def _model_with_grads(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 32, 32, generator=generator), torch.rand(4, 64, generator=generator)
+
+
+def _model_with_grads(compile_blocks: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
     model = build_model("mae_vit_micro_patch4")
-    loss, _, _ = model(torch.randn(4, 3, 32, 32), noise=torch.rand(4, 64))
-    loss.backward()
+    if compile_blocks:
+        parallel.compile_blocks(model)
+    images, noise = _inputs()
+    model(images, noise=noise)[0].backward()
     return model
 
 
@@ -129,3 +136,13 @@ def test_sharded_clip_and_adamw_match_whole_tensors_on_two_processes(replicate):
 def test_prefetch_passes_cpu_batches_through_in_order():
     steps = [[f"step{i}-micro{j}" for j in range(2)] for i in range(3)]
     assert list(prefetch_to_device(iter(steps), torch.device("cpu"))) == steps
+
+
+def test_blocks_compiled_one_by_one_train_like_eager_and_keep_plain_keys():
+    eager, compiled = _model_with_grads(), _model_with_grads(compile_blocks=True)
+    # checkpoints and exports stay free of `_orig_mod`
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert all(type(block.forward).__name__ != "method" for block in parallel.transformer_blocks(compiled))
+    for (name, a), b in zip(compiled.named_parameters(), eager.parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

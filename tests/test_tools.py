@@ -151,8 +151,20 @@ def test_pretrain_on_a_folder_counts_the_bad_file_and_visualize_draws(tmp_path, 
 
 def test_visualize_names_a_missing_checkpoint(tmp_path):
     cli = subprocess.run(
-        [sys.executable, "-m", "maescale", "visualize", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "f.png")],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "maescale",
+            "visualize",
+            "--ckpt",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "f.png"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert cli.returncode == 2
     assert "nope" in cli.stderr and "Traceback" not in cli.stderr

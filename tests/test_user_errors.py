@@ -66,25 +66,46 @@ CASES = [
     (["pretrain", "optim=3"], "is a section"),
     (["pretrain", "model.img_size=30", "model.patch_size=4"], "not divisible"),
     (["pretrain", "monitor.k=0"], "monitor.k must be positive"),
-    (["pretrain", *SMALL_RUN, "output_dir={out}", "model.name=mae_vit_bse_patch16"], "Did you mean 'mae_vit_base_patch16'?"),
+    (
+        ["pretrain", *SMALL_RUN, "output_dir={out}", "model.name=mae_vit_bse_patch16"],
+        "Did you mean 'mae_vit_base_patch16'?",
+    ),
     # data
     (["pretrain", "data.kind=folder"], "data.path is required when data.kind=folder"),
-    (["pretrain", *SMALL_RUN, "output_dir={out}", "data.kind=folder", "data.path={root}/nowhere"], "image folder not found"),
+    (
+        ["pretrain", *SMALL_RUN, "output_dir={out}", "data.kind=folder", "data.path={root}/nowhere"],
+        "image folder not found",
+    ),
     (["pretrain", *SMALL_RUN, "output_dir={out}", "data.kind=folder", "data.path={no_images}"], "no images"),
     (["pretrain", *SMALL_RUN, "output_dir={out}", "data.synthetic_size=4"], "an epoch would have no full batch"),
     (["pretrain", *SMALL_RUN, "output_dir={a_file}"], "is not writable"),
     (["pretrain", *SMALL_RUN, "output_dir={out}", "checkpoint.resume={root}/no_step"], "no such checkpoint folder"),
-    pytest.param(["pretrain", *SMALL_RUN, "output_dir={out}", "data.kind=ffcv", "data.path={root}"], "train.beton",
-                 marks=NEEDS_FFCV),
+    pytest.param(
+        ["pretrain", *SMALL_RUN, "output_dir={out}", "data.kind=ffcv", "data.path={root}"],
+        "train.beton",
+        marks=NEEDS_FFCV,
+    ),
     (["pretrain", "data.kind=ffcv", "data.path=x", "data.ffcv_order=quasi_random"], "needs data.ffcv_os_cache=false"),
     # evaluation
     (["knn", "knn.kk=3"], "did you mean knn.k?"),
     (["knn"], "encoder.model is required when encoder.ckpt is null"),
     (["knn", "encoder.ckpt={root}/nothing_here"], "no such checkpoint folder or weights file"),
     (["knn", "output_dir={out}", "encoder.model=mae_vit_tiny", "data.kind=synthetic"], "unknown model 'mae_vit_tiny'"),
-    (["knn", "output_dir={out}", f"encoder.model={MICRO}", "data.kind=folder", "data.path={train_only}",
-      "data.num_workers=0"], "split folder not found"),
-    (["linprobe", "output_dir={out}", f"encoder.model={MICRO}", *SMALL_RUN[1:], "linprobe.batch_size=4096"], "exceeds the"),
+    (
+        [
+            "knn",
+            "output_dir={out}",
+            f"encoder.model={MICRO}",
+            "data.kind=folder",
+            "data.path={train_only}",
+            "data.num_workers=0",
+        ],
+        "split folder not found",
+    ),
+    (
+        ["linprobe", "output_dir={out}", f"encoder.model={MICRO}", *SMALL_RUN[1:], "linprobe.batch_size=4096"],
+        "exceeds the",
+    ),
     (["finetune", f"encoder.model={MICRO}", "data.batch_size=7"], "must be even"),
     # weights files, models, checkpoint folders
     (["import", "--weights", "{micro_pth}", "--model", "mae_vit_mikro_patch4", "--out", "{out}"], "unknown model"),
@@ -95,8 +116,11 @@ CASES = [
     (["export", "--ckpt", "{root}/no_step", "--out", "{root}/x.safetensors"], "no_step"),
     (["visualize", "--ckpt", "{root}/no_step", "--out", "{root}/f.png"], "no_step"),
     (["write-beton", "--src", "{root}", "--out", "{root}/x.beton", "--jpeg-quality", "0"], "--jpeg-quality must be in"),
-    pytest.param(["write-beton", "--src", "{root}/nowhere", "--out", "{root}/x.beton"], "image folder not found",
-                 marks=NEEDS_FFCV),
+    pytest.param(
+        ["write-beton", "--src", "{root}/nowhere", "--out", "{root}/x.beton"],
+        "image folder not found",
+        marks=NEEDS_FFCV,
+    ),
     pytest.param(["write-beton", "--src", "{no_images}", "--out", "{root}/x.beton"], "no images", marks=NEEDS_FFCV),
 ]
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from queue import Empty
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
@@ -160,7 +160,9 @@ def _check_all(paths: Sequence[str], num_workers: int) -> list[str | None]:
         return list(tqdm(results, total=len(paths), desc="checking images", unit="img", dynamic_ncols=True))
 
 
-def _write_in_this_process(src: str, out: str, options: BetonOptions, subset: int | None, split: str | None) -> WriteSummary:
+def _write_in_this_process(
+    src: str, out: str, options: BetonOptions, subset: int | None, split: str | None
+) -> WriteSummary:
     from .ffcv_compat import import_ffcv
 
     import_ffcv()

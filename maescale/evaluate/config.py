@@ -22,7 +22,9 @@ class EncoderConfig:
         "null = random initialisation, the baseline.",
     )
     model: Optional[str] = opt(
-        None, "Named MAE configuration; null takes it from the checkpoint's run config.yaml (needed for files and random init)."
+        None,
+        "Named MAE configuration; null takes it from the checkpoint's run config.yaml "
+        "(needed for files and random init).",
     )
     pool: Pool = pool_option()
 
@@ -47,12 +49,21 @@ class LinprobeConfig:
 
 @dataclass
 class FinetuneConfig:
-    img_size: Optional[int] = opt(None, "Fine-tuning resolution; the position embeddings are interpolated. None keeps the encoder's.")
-    blr: float = opt(5e-4, "Base learning rate of AdamW (paper: 5e-4 for ViT-B, 1e-3 for L/H); lr = blr * global batch / 256.")
+    img_size: Optional[int] = opt(
+        None,
+        "Fine-tuning resolution; the position embeddings are interpolated. None keeps the encoder's."
+    )
+    blr: float = opt(
+        5e-4,
+        "Base learning rate of AdamW (paper: 5e-4 for ViT-B, 1e-3 for L/H); lr = blr * global batch / 256."
+    )
     lr: Optional[float] = opt(None, "Absolute learning rate; overrides blr when set.")
     min_lr: float = opt(1e-6, "Floor of the cosine schedule.")
     weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, tokens and position embeddings).")
-    layer_decay: float = opt(0.75, "Layer-wise lr decay: block i of L gets decay^(L + 1 - (i + 1)) (paper: 0.65 for ViT-B, 0.75 for L/H).")
+    layer_decay: float = opt(
+        0.75,
+        "Layer-wise lr decay: block i of L gets decay^(L + 1 - (i + 1)) (paper: 0.65 for ViT-B, 0.75 for L/H)."
+    )
     drop_path: float = opt(0.1, "Stochastic depth rate of the last block (paper: 0.1 for ViT-B, 0.2 for L/H).")
     mixup: float = opt(0.8, "Mixup alpha; 0 turns mixup off (paper: 0.8).")
     cutmix: float = opt(1.0, "CutMix alpha; 0 turns cutmix off (paper: 1.0).")
@@ -81,20 +92,34 @@ class EvalConfig:
         """Reject impossible values with the key's name, before any work starts."""
         lp, ft = self.linprobe, self.finetune
         check_data(self.data)
-        raise_first_failure([
-            (self.encoder.ckpt is not None or self.encoder.model, "encoder.model is required when encoder.ckpt is null (random init)"),
-            (lp.batch_size > 0, "linprobe.batch_size must be positive"),
-            (lp.blr > 0 and (lp.lr is None or lp.lr > 0), "linprobe.blr and linprobe.lr must be positive"),
-            (lp.epochs > 0 and 0 <= lp.warmup_epochs <= lp.epochs, "linprobe.warmup_epochs must be in [0, linprobe.epochs]"),
-            *knn_checks(self.knn, "knn"),
-            (ft.blr > 0 and (ft.lr is None or ft.lr > 0), "finetune.blr and finetune.lr must be positive"),
-            (0 < ft.layer_decay <= 1, "finetune.layer_decay must be in (0, 1]"),
-            (0 <= ft.drop_path < 1, "finetune.drop_path must be in [0, 1)"),
-            (ft.mixup >= 0 and ft.cutmix >= 0, "finetune.mixup and finetune.cutmix must be >= 0"),
-            (0 <= ft.label_smoothing < 1, "finetune.label_smoothing must be in [0, 1)"),
-            (ft.epochs > 0 and 0 <= ft.warmup_epochs <= ft.epochs, "finetune.warmup_epochs must be in [0, finetune.epochs]"),
-            (ft.max_steps is None or ft.max_steps > 0, "finetune.max_steps must be positive or null"),
-            (ft.log_every > 0, "finetune.log_every must be positive"),
-            # timm's Mixup pairs each image with its mirror in the batch.
-            (ft.mixup == ft.cutmix == 0 or self.data.batch_size % 2 == 0, "data.batch_size must be even with finetune.mixup or finetune.cutmix"),
-        ])
+        raise_first_failure(
+            [
+                (
+                    self.encoder.ckpt is not None or self.encoder.model,
+                    "encoder.model is required when encoder.ckpt is null (random init)",
+                ),
+                (lp.batch_size > 0, "linprobe.batch_size must be positive"),
+                (lp.blr > 0 and (lp.lr is None or lp.lr > 0), "linprobe.blr and linprobe.lr must be positive"),
+                (
+                    lp.epochs > 0 and 0 <= lp.warmup_epochs <= lp.epochs,
+                    "linprobe.warmup_epochs must be in [0, linprobe.epochs]",
+                ),
+                *knn_checks(self.knn, "knn"),
+                (ft.blr > 0 and (ft.lr is None or ft.lr > 0), "finetune.blr and finetune.lr must be positive"),
+                (0 < ft.layer_decay <= 1, "finetune.layer_decay must be in (0, 1]"),
+                (0 <= ft.drop_path < 1, "finetune.drop_path must be in [0, 1)"),
+                (ft.mixup >= 0 and ft.cutmix >= 0, "finetune.mixup and finetune.cutmix must be >= 0"),
+                (0 <= ft.label_smoothing < 1, "finetune.label_smoothing must be in [0, 1)"),
+                (
+                    ft.epochs > 0 and 0 <= ft.warmup_epochs <= ft.epochs,
+                    "finetune.warmup_epochs must be in [0, finetune.epochs]",
+                ),
+                (ft.max_steps is None or ft.max_steps > 0, "finetune.max_steps must be positive or null"),
+                (ft.log_every > 0, "finetune.log_every must be positive"),
+                # timm's Mixup pairs each image with its mirror in the batch.
+                (
+                    ft.mixup == ft.cutmix == 0 or self.data.batch_size % 2 == 0,
+                    "data.batch_size must be even with finetune.mixup or finetune.cutmix",
+                ),
+            ]
+        )

@@ -80,7 +80,15 @@ def extract_features(
     """(features [N, dim], labels [N]) of the images the eval `loader` visits (the split or its
     `eval_subset`), in its order, on every process."""
     features, labels = [], []
-    bar = tqdm(loader.epoch(0), total=len(loader), desc=desc, unit="batch", disable=not accelerator.is_main_process, dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        loader.epoch(0),
+        total=len(loader),
+        desc=desc,
+        unit="batch",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+        leave=False,
+    )
     for batch in bar:
         images = batch.images.to(accelerator.device, parallel.input_dtype(accelerator))
         features.append(encode(model, images, pool).cpu())

@@ -45,7 +45,9 @@ NEW_KEYS = frozenset({"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bia
 DROPPED_KEYS = frozenset({"norm.weight", "norm.bias"})
 
 
-def classifier_from_mae(mae: MaskedAutoencoderViT, classes: int, img_size: int | None = None, drop_path: float = 0.0) -> nn.Module:
+def classifier_from_mae(
+    mae: MaskedAutoencoderViT, classes: int, img_size: int | None = None, drop_path: float = 0.0
+) -> nn.Module:
     """timm ViT (global pool + fc_norm) holding `mae`'s encoder, at `img_size` (default: the MAE's)."""
     kwargs = timm_kwargs(mae)
     kwargs["img_size"] = img_size or mae.img_size
@@ -56,7 +58,9 @@ def classifier_from_mae(mae: MaskedAutoencoderViT, classes: int, img_size: int |
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(grid), num_prefix_tokens=1)
     result = model.load_state_dict(state, strict=False)
     if set(result.missing_keys) != NEW_KEYS or result.unexpected_keys:
-        raise ValueError(f"encoder does not fit the classifier: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        raise ValueError(
+            f"encoder does not fit the classifier: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+        )
     nn.init.trunc_normal_(model.head.weight, std=2e-5)  # a near-zero head, as the reference recipe starts from
     nn.init.zeros_(model.head.bias)
     return model
@@ -65,8 +69,9 @@ def classifier_from_mae(mae: MaskedAutoencoderViT, classes: int, img_size: int |
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """timm's layer-decay groups: embeddings get layer_decay^(L+1), block i layer_decay^(L-i), the
     head 1; biases, norms, cls token and position embedding get no weight decay."""
-    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=list(model.no_weight_decay()),
-                                    layer_decay=layer_decay)
+    return param_groups_layer_decay(
+        model, weight_decay=weight_decay, no_weight_decay_list=list(model.no_weight_decay()), layer_decay=layer_decay
+    )
 
 
 def build_mixup(cfg: EvalConfig, classes: int) -> Mixup | None:
@@ -96,7 +101,9 @@ class Finetuner:
                             "global_pool": "avg", "fc_norm": True}
         self.global_batch = cfg.data.batch_size * acc.num_processes
         self.peak_lr = ft.lr if ft.lr is not None else ft.blr * self.global_batch / 256
-        optimizer = torch.optim.AdamW(layer_decay_groups(model, ft.weight_decay, ft.layer_decay), lr=self.peak_lr, betas=(0.9, 0.999))
+        optimizer = torch.optim.AdamW(
+            layer_decay_groups(model, ft.weight_decay, ft.layer_decay), lr=self.peak_lr, betas=(0.9, 0.999)
+        )
         self.model, self.optimizer = parallel.prepare(model, optimizer, Config(), acc)
         self.mixup = build_mixup(cfg, self.classes)
         self.steps_per_epoch = self.loader.batches_per_epoch
@@ -139,7 +146,9 @@ class Finetuner:
         counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
         for batch in self.val_loader.epoch(0):
             logits = self.model(batch.images.to(self.run.accelerator.device)).float().cpu()
-            counts += torch.cat([topk_hits(logits, batch.labels), torch.tensor([len(batch.labels)], dtype=torch.float64)])
+            counts += torch.cat(
+                [topk_hits(logits, batch.labels), torch.tensor([len(batch.labels)], dtype=torch.float64)]
+            )
         self.model.train()
         if dist.is_initialized():
             dist.all_reduce(counts)
@@ -147,10 +156,20 @@ class Finetuner:
 
     def run_training(self) -> dict:
         cfg, ft, run = self.cfg, self.cfg.finetune, self.run
-        run.save_config({"lr": self.peak_lr, "global_batch": self.global_batch, "world_size": run.world_size,
-                         "steps_per_epoch": self.steps_per_epoch, "last_step": self.last_step, "img_size": self.img_size})
-        run.print(f"finetune: {self.last_step} steps of {self.global_batch} at {self.img_size} px, lr {self.peak_lr:.3g} "
-                  f"(blr {ft.blr:.3g} x {self.global_batch}/256), layer decay {ft.layer_decay}, {run.world_size} process(es)")
+        run.save_config(
+            {
+                "lr": self.peak_lr,
+                "global_batch": self.global_batch,
+                "world_size": run.world_size,
+                "steps_per_epoch": self.steps_per_epoch,
+                "last_step": self.last_step,
+                "img_size": self.img_size,
+            }
+        )
+        run.print(
+            f"finetune: {self.last_step} steps of {self.global_batch} at {self.img_size} px, lr {self.peak_lr:.3g} "
+            f"(blr {ft.blr:.3g} x {self.global_batch}/256), layer decay {ft.layer_decay}, {run.world_size} process(es)"
+        )
         self.model.train()
         step, result, window = 0, {}, []
         bar = tqdm(total=self.last_step, desc="finetune", unit="step", disable=not run.is_main, dynamic_ncols=True)
@@ -182,7 +201,9 @@ class Finetuner:
         path = self.run.output_dir / FINETUNED_FILE
         if self.run.is_main:
             model = parallel.unwrap(self.model, self.run.accelerator)
-            save_safetensors(model.state_dict(), path, {METADATA_FORMAT: "timm", METADATA_TIMM_KWARGS: json.dumps(self.timm_kwargs)})
+            save_safetensors(
+                model.state_dict(), path, {METADATA_FORMAT: "timm", METADATA_TIMM_KWARGS: json.dumps(self.timm_kwargs)}
+            )
         self.run.accelerator.wait_for_everyone()
         return path
 

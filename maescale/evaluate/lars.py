@@ -19,9 +19,19 @@ from torch.optim import Optimizer
 
 
 class LARS(Optimizer):
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or trust_coefficient <= 0:
-            raise ValueError(f"invalid LARS settings: lr={lr}, weight_decay={weight_decay}, momentum={momentum}, trust_coefficient={trust_coefficient}")
+            raise ValueError(
+                f"invalid LARS settings: lr={lr}, weight_decay={weight_decay}, momentum={momentum}, "
+                f"trust_coefficient={trust_coefficient}"
+            )
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
         super().__init__(params, defaults)
 

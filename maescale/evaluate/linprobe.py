@@ -21,9 +21,8 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError
-
 from ..data import Loader, Stream, build_loader, seeded_generator
+from ..errors import ConfigError, DataError
 from ..optim import lr_at, set_lr
 from .accuracy import topk_accuracy
 from .config import EvalConfig
@@ -95,21 +94,31 @@ def linprobe(cfg: EvalConfig) -> dict:
     """Train and evaluate the linear head; returns the final top-1 / top-5 (percent)."""
     run = EvalRun(cfg, "linprobe")
     model = load_encoder(cfg.encoder, cfg.seed).to(run.accelerator.device)
-    val_loader, train_loader = eval_loader(cfg, model.img_size, cfg.val_split, run.accelerator), train_images(cfg, model, run)
+    val_loader, train_loader = (
+        eval_loader(cfg, model.img_size, cfg.val_split, run.accelerator),
+        train_images(cfg, model, run),
+    )
     check_head_batch(cfg.linprobe.batch_size, train_loader.num_samples)
     val = split_features(model, cfg, cfg.val_split, val_loader, run)
     if cfg.linprobe.augment:
         train = AugmentedTrainFeatures(train_loader, model, cfg.encoder.pool, run.accelerator.device)
     else:
-        train = CachedTrainFeatures(split_features(model, cfg, cfg.train_split, train_loader, run), cfg.linprobe.batch_size, cfg.seed)
+        train = CachedTrainFeatures(
+            split_features(model, cfg, cfg.train_split, train_loader, run), cfg.linprobe.batch_size, cfg.seed
+        )
     set_seed(cfg.seed)  # the same head on every process
     head = build_head(val.features.shape[1], max(train.num_classes, val.num_classes))
     lp, lr = cfg.linprobe, head_lr(cfg)
     optimizer = LARS(head.parameters(), lr=lr, weight_decay=lp.weight_decay, momentum=lp.momentum)
     total = train.steps_per_epoch * lp.epochs
-    run.save_config({"lr": lr, "world_size": run.world_size, "steps_per_epoch": train.steps_per_epoch, "total_steps": total})
-    run.print(f"linprobe: {total} steps of {lp.batch_size} ({'augmented crops' if lp.augment else 'features extracted once'}), "
-              f"lr {lr:.3g} (blr {lp.blr:.3g} x {lp.batch_size}/256), LARS, {run.world_size} process(es)")
+    run.save_config(
+        {"lr": lr, "world_size": run.world_size, "steps_per_epoch": train.steps_per_epoch, "total_steps": total}
+    )
+    run.print(
+        f"linprobe: {total} steps of {lp.batch_size} "
+        f"({'augmented crops' if lp.augment else 'features extracted once'}), "
+        f"lr {lr:.3g} (blr {lp.blr:.3g} x {lp.batch_size}/256), LARS, {run.world_size} process(es)"
+    )
     step, result = 0, {}
     for epoch in tqdm(range(lp.epochs), desc="linprobe", unit="epoch", disable=not run.is_main, dynamic_ncols=True):
         losses = []
@@ -125,7 +134,10 @@ def linprobe(cfg: EvalConfig) -> dict:
             step += 1
         result = evaluate_head(head, val.features, val.labels)
         run.log({"step": step, "epoch": epoch + 1, "loss": torch.stack(losses).mean().item(), "lr": step_lr, **result})
-    run.print(f"linprobe {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({len(val.labels)} images)")
+    run.print(
+        f"linprobe {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        f"({len(val.labels)} images)"
+    )
     run.close()
     return {**result, "val_images": len(val.labels), "steps": step, "head": head}
 

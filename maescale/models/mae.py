@@ -17,10 +17,10 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from .pos_embed import get_2d_sincos_pos_embed
@@ -94,7 +94,7 @@ def is_encoder_key(key: str) -> bool:
     return not any(part.startswith(DECODER_KEY_PREFIXES) for part in key.split("."))
 
 
-def build_model(name: str, **overrides: Any) -> "MaskedAutoencoderViT":
+def build_model(name: str, **overrides: Any) -> MaskedAutoencoderViT:
     """Build a registered model, e.g. ``build_model("mae_vit_base_patch16", mask_ratio=0.9)``.
 
     Overrides whose value is ``None`` are ignored, so config fields left unset can be
@@ -200,6 +200,9 @@ def random_masking(
 
 # --------------------------------------------------------------------------- model
 
+# LayerNorm with the reference eps, in every block and after the encoder and decoder.
+_NORM_LAYER = partial(nn.LayerNorm, eps=1e-6)
+
 
 class MaskedAutoencoderViT(nn.Module):
     """ViT encoder + lightweight ViT decoder that reconstructs masked patches.
@@ -245,36 +248,33 @@ class MaskedAutoencoderViT(nn.Module):
         # Recompute each block in the backward pass instead of storing its activations
         # (set by the parallel layer; see maescale/parallel.py).
         self.activation_checkpointing = False
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        num_tokens = 1 + self.num_patches  # cls + patches
-
-        # Encoder.
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-            for _ in range(depth)
-        )
-        self.norm = norm_layer(embed_dim)
         self.mask_tokens_in_encoder = mask_tokens_in_encoder
-        if mask_tokens_in_encoder:
+        self._build_encoder(embed_dim, depth, num_heads, mlp_ratio)
+        self._build_decoder(embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_mlp_ratio)
+        self.init_weights()
+
+    def _build_encoder(self, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float) -> None:
+        """Patch embedding, cls token, frozen position table, blocks and final norm (timm's names)."""
+        self.patch_embed = PatchEmbed(self.img_size, self.patch_size, self.in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_NORM_LAYER) for _ in range(depth)
+        )
+        self.norm = _NORM_LAYER(embed_dim)
+        if self.mask_tokens_in_encoder:
             self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
 
-        # Decoder.
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(
-            torch.zeros(1, num_tokens, decoder_embed_dim), requires_grad=False
-        )
+    def _build_decoder(self, embed_dim: int, width: int, depth: int, num_heads: int, mlp_ratio: float) -> None:
+        """Projection to the decoder width, mask token, frozen position table, blocks, pixel head."""
+        self.decoder_embed = nn.Linear(embed_dim, width, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, width), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-            for _ in range(decoder_depth)
+            Block(width, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_NORM_LAYER) for _ in range(depth)
         )
-        self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
-
-        self.init_weights()
+        self.decoder_norm = _NORM_LAYER(width)
+        self.decoder_pred = nn.Linear(width, self.patch_size**2 * self.in_chans, bias=True)
 
     # ----------------------------------------------------------------------- init
 
