@@ -9,6 +9,8 @@ For each world size, every process builds every candidate on the same weights an
   ddp           DistributedDataParallel, as the trainer wraps it
   fsdp2_before  FSDP2 as maescale sharded it before: every block a unit, every unit resharded
                 after forward, torch's AdamW and clip_grad_norm_ on the DTensors
+  fsdp2_reshard, fsdp2_1_block, fsdp2_2_blocks
+                the trainer's cut with one choice changed (FSDP2_VARIANTS)
   fsdp2         FSDP2 as the trainer shards it now (maescale/parallel.py, maescale/optim.py)
   zero2, zero3  DeepSpeed ZeRO through its engine, with maescale's DeepSpeed config
 
@@ -19,6 +21,11 @@ Each step is cut into forward, backward, gradient clipping and optimizer step (+
 `hand-off` what it adds to those phases (host-to-device copy, mask noise, accumulation).
 ZeRO clips and steps inside `engine.step()` (shown under optimizer); its reduction runs in
 backward. "per unit" is (candidate - plain) / FSDP units, at world size 1.
+
+--trainer times instead the trainer's own loop (maescale.train.Trainer on synthetic data,
+logging every 10 steps, a loader worker) against the bare step on the same model, optimizer
+and batch size, for each of --trainer-strategies, in interleaved rounds: "bare / trainer" is
+the share of the bare step's speed the trainer keeps.
 
 --profile adds, per candidate, the CPU time of a few more steps under cProfile split by where
 it is spent (FSDP2 hooks, DTensor, optimizer Python, DeepSpeed, autograd engine, ...), so
@@ -54,14 +61,16 @@ from maescale.optim import build_optimizer  # noqa: E402
 PHASES = ("forward", "backward", "clip", "optimizer")
 # FSDP2 cuts other than the trainer's own ("fsdp2"), to measure the choices against.
 FSDP2_VARIANTS = {
-    "fsdp2_before": parallel.FSDP2Options(blocks_per_unit=1, reshard_decoder=True, decoder_as_one_unit=False),
+    "fsdp2_before": parallel.FSDP2Options(
+        blocks_per_unit=1, reshard_after_forward=True, reshard_decoder=True, decoder_as_one_unit=False),
+    "fsdp2_reshard": parallel.FSDP2Options(reshard_after_forward=True),
     "fsdp2_1_block": parallel.FSDP2Options(blocks_per_unit=1),
     "fsdp2_2_blocks": parallel.FSDP2Options(blocks_per_unit=2),
-    "fsdp2_keep": parallel.FSDP2Options(reshard_after_forward=False),
 }
 CANDIDATES = ("plain", "ddp", *FSDP2_VARIANTS, "fsdp2", "zero2", "zero3")
 PROFILE_AREAS = (  # first match wins: (label, substring of the function's file or name)
     ("FSDP2", "distributed/fsdp"),
+    ("FSDP2", "_fsdp"),
     ("DTensor", "distributed/tensor"),
     ("DeepSpeed", "deepspeed"),
     ("DDP", "nn/parallel"),
@@ -70,6 +79,9 @@ PROFILE_AREAS = (  # first match wins: (label, substring of the function's file 
     ("collectives", "distributed_c10d"),
     ("model (Python)", "maescale/models"),
     ("model (Python)", "timm/"),
+    ("nn.Module calls and hooks", "torch/nn/modules"),
+    ("torch.compile wrappers", "torch/_dynamo"),
+    ("record_function", "autograd/profiler"),
 )
 
 
@@ -164,8 +176,9 @@ def build_zero_candidate(stage: int, args, model_name: str, batch: int, images, 
     cfg = config(args, model_name, batch, "deepspeed", zero_stage=stage)
     model = fresh_model(model_name)
     optimizer = build_optimizer(model, cfg, 1e-4)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=parallel.deepspeed_config(cfg),
-                                      dist_init_required=False)
+    # As Accelerate does for an optimizer of the user's (the trainer's path).
+    ds_config = {**parallel.deepspeed_config(cfg), "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return Candidate(
         f"zero{stage}", engine, forward=lambda: engine(images, noise=noise)[0], backward=engine.backward,
         clip=lambda: None, optimizer=engine.step,
@@ -262,20 +275,25 @@ def trainer_rows(args, model_name: str, batch: int, world: int, tmp: Path) -> li
 
     trainers = {}
     for strategy in args.trainer_strategies:
+        zero = strategy.startswith("zero")
         cfg = load_config(None, [
             f"output_dir={tmp / f'{strategy}_{model_name}_{batch}'}", f"model.name={model_name}",
             f"data.batch_size={batch}", f"data.synthetic_size={batch * world * 10_000}",
-            f"data.num_workers={args.trainer_workers}", f"parallel.strategy={strategy}",
-            f"optim.clip_grad={args.clip}", "checkpoint.every_steps=1000000", "schedule.epochs=1",
-            "schedule.warmup_epochs=0",
+            f"data.num_workers={args.trainer_workers}", f"optim.clip_grad={args.clip}",
+            f"parallel.strategy={'deepspeed' if zero else strategy}", f"parallel.zero_stage={strategy[-1] if zero else 2}",
+            "checkpoint.every_steps=1000000", "schedule.epochs=1", "schedule.warmup_epochs=0",
         ])
         trainer = Trainer(cfg)
         trainer.prepare_run_folder()
         images = torch.randn(batch, 3, trainer.img_size, trainer.img_size)
         noise = torch.rand(batch, trainer.num_patches)
-        clip = parallel.clip_grad_norm
-        bare = Candidate(strategy, trainer.model, **torch_step(trainer.model, trainer.optimizer, images, noise, clip, args.clip))
-        trainers[strategy] = (trainer, bare)
+        model = trainer.model
+        if zero:  # the engine reduces in backward, clips and steps in engine.step()
+            phases = dict(forward=lambda: model(images, noise=noise)[0], backward=model.backward,
+                          clip=lambda: None, optimizer=model.step)
+        else:
+            phases = torch_step(model, trainer.optimizer, images, noise, parallel.clip_grad_norm, args.clip)
+        trainers[strategy] = (trainer, Candidate(strategy, model, **phases))
     times = {name: {"trainer": [], "bare": []} for name in trainers}
     for r in range(args.rounds + 1):  # round 0 warms up (and starts the loaders)
         names = list(trainers)[r % len(trainers):] + list(trainers)[: r % len(trainers)]
@@ -384,11 +402,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--trainer", action="store_true",
                         help="time the trainer's loop against the bare step instead (--trainer-strategies)")
-    parser.add_argument("--trainer-strategies", nargs="+", choices=["ddp", "fsdp2"], default=["ddp", "fsdp2"])
+    parser.add_argument("--trainer-strategies", nargs="+", choices=["ddp", "fsdp2", "zero2", "zero3"],
+                        default=["ddp", "fsdp2"],
+                        help="ddp and fsdp2 interleave; zero2 or zero3 runs alone")
     parser.add_argument("--trainer-steps", type=int, default=20, help="steps per trainer round")
     parser.add_argument("--trainer-workers", type=int, default=1, help="data.num_workers of the trainer")
     parser.add_argument("--jsonl", help="append each row as a JSON line to this file")
     args = parser.parse_args(argv)
+    zero = [s for s in args.trainer_strategies if s.startswith("zero")]
+    if args.trainer and zero and len(args.trainer_strategies) > 1:
+        parser.error("--trainer-strategies: a ZeRO trainer runs alone (Accelerate keeps one DeepSpeed state per process)")
     rows = [row for world in args.world_sizes for row in run_world(world, args)]
     header, to_row = (TRAINER_HEADER, trainer_table_row) if args.trainer else (HEADER, table_row)
     lines = [header, "|---" * (header.count("|") - 1) + "|", *map(to_row, rows)]

@@ -124,7 +124,7 @@ class ParallelConfig:
     cpu_offload: bool = opt(False, "FSDP2: keep sharded weights, gradients and optimizer state in host memory and step the optimizer there (fits larger models on fewer GPUs, slower steps).")
     backend: Literal["auto", "nccl", "gloo"] = opt("auto", "Process-group backend: auto picks nccl when every process on the node has a GPU of its own, otherwise gloo with the processes computing on the CPU (e.g. 2-process tests on a 1-GPU machine); nccl or gloo forces it.")
     blocks_per_unit: int = opt(4, "FSDP2: encoder blocks sharded together as one unit (one all-gather and one reduce-scatter per step each); fewer units cost less host time per step (docs/BENCHMARKS.md), each holds that many gathered blocks at a time.")
-    reshard_after_forward: bool = opt(True, "FSDP2: free gathered block weights after forward (ZeRO-3 style); False keeps them until backward (ZeRO-2 style, more memory, less communication).")
+    reshard_after_forward: bool = opt(False, "FSDP2: True frees the encoder's gathered weights after forward and gathers them again in backward (ZeRO-3 style: least memory, for models whose bf16 weights do not fit beside the activations); False keeps them until backward (ZeRO-2 style: one all-gather per unit per step instead of two, measured faster in docs/BENCHMARKS.md).")
 
 
 @dataclass

@@ -80,7 +80,7 @@ def single(tmp_path_factory) -> Path:
         ("ddp", ["parallel.strategy=ddp"], 1e-4),
         ("fsdp2", ["parallel.strategy=fsdp2"], 1e-4),
         ("fsdp2_ac", ["parallel.strategy=fsdp2", "parallel.activation_checkpointing=true"], 1e-4),
-        ("fsdp2_keep", ["parallel.strategy=fsdp2", "parallel.reshard_after_forward=false"], 1e-4),
+        ("fsdp2_reshard", ["parallel.strategy=fsdp2", "parallel.reshard_after_forward=true"], 1e-4),
         ("fsdp2_1_block", ["parallel.strategy=fsdp2", "parallel.blocks_per_unit=1"], 1e-4),
         ("fsdp2_bf16", ["parallel.strategy=fsdp2", "train.precision=bf16"], 2e-2),
         ("fsdp2_offload", ["parallel.strategy=fsdp2", "parallel.cpu_offload=true"], 1e-4),

@@ -181,13 +181,31 @@ def test_finetune(pretrained, tmp_path):
 
 
 @NEEDS_FFCV
-def test_knn_on_betons_matches_knn_on_their_folder(jpeg_root, beton_root, tmp_path):
-    """The same encoder and images as JPEG files and as .beton: kNN features differ only by decoding
-    and interpolation (OpenCV area vs PIL bicubic), so the two agree within a few points."""
-    torch.manual_seed(0)
-    common = ["encoder.model=mae_vit_micro_patch4", "data.batch_size=8", "data.num_workers=0", "knn.k=5"]
-    results = {}
+def test_betons_and_their_folder_give_the_same_knn_and_linprobe_top1(jpeg_root, beton_root, tmp_path):
+    """The same encoder and images as JPEG files and as .beton: the center crops differ only by
+    decoding and interpolation (OpenCV area vs PIL bicubic), so the results agree within a few points."""
+    common = ["encoder.model=mae_vit_micro_patch4", "data.batch_size=8", "data.num_workers=0", "knn.k=5",
+              f"linprobe.batch_size={BATCH}", "linprobe.epochs=4", "linprobe.warmup_epochs=1", "linprobe.blr=1"]
+    top1 = {}
     for kind, root in (("folder", jpeg_root), ("ffcv", beton_root)):
-        run_cli("knn", f"output_dir={tmp_path / kind}", f"data.kind={kind}", f"data.path={root}", *common)
-        results[kind] = [r for r in read_metrics(tmp_path / kind) if r["protocol"] == "knn"][-1]["top1"]
-    assert abs(results["folder"] - results["ffcv"]) <= 100 * 3 / VAL_IMAGES, results  # at most 3 of 24 images differ
+        for protocol in ("knn", "linprobe"):
+            run_cli(protocol, f"output_dir={tmp_path / kind}", f"data.kind={kind}", f"data.path={root}", *common)
+        rows = read_metrics(tmp_path / kind)
+        top1[kind] = {p: [r for r in rows if r["protocol"] == p][-1]["top1"] for p in ("knn", "linprobe")}
+    for protocol in ("knn", "linprobe"):
+        difference = abs(top1["folder"][protocol] - top1["ffcv"][protocol])
+        assert difference <= 100 * 3 / VAL_IMAGES, top1  # at most 3 of the 24 images classified differently
+
+
+@pytest.mark.parametrize("kind", MATRIX_KINDS)
+def test_every_kind_is_a_loader_with_the_labels_it_counts(kind, request):
+    from maescale.config import load_config
+    from maescale.data import Loader, build_loader
+
+    data = load_config(None, data_overrides(kind, request)).data
+    for train, split in ((True, "train"), (False, "val")):
+        loader = build_loader(data, img_size=32, seed=0, train=train, split=split)
+        assert isinstance(loader, Loader) and len(loader) == loader.batches_per_epoch > 0
+        labels = torch.cat([batch.labels for batch in loader.epoch(0)])
+        assert len(labels) == (loader.batches_per_epoch * BATCH if train else loader.num_samples)
+        assert int(labels.max()) < loader.num_classes and len(loader.eval_selection()) == loader.num_samples

@@ -1,20 +1,16 @@
-"""Figures, the visualize and bench commands, FLOP accounting, and training on a folder of JPEGs."""
+"""Figures, the visualize and bench commands, FLOP accounting (training on a folder of JPEGs and
+visualize on it: tests/test_matrix.py)."""
 
-import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from maescale.bench import bench_train_step
-from maescale.config import load_config
-from maescale.data import SyntheticShapes
-from maescale.metrics import device_peak_flops, mae_train_flops_per_image, read_metrics
+from maescale.metrics import device_peak_flops, mae_train_flops_per_image
 from maescale.models import build_model
-from maescale.train import pretrain
 from maescale.viz import denormalize_prediction, fill_from_visible, reconstruction_panels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,47 +102,6 @@ def test_throughput_script_prints_a_table():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("| model") and lines[2].startswith("| mae_vit_micro_patch4 | cpu | 2 | fp32 | off |")
-
-
-@pytest.fixture
-def jpeg_folder(tmp_path):
-    """A real ImageNet-layout folder of JPEGs (synthetic shapes) with one truncated file."""
-    root = tmp_path / "images" / "train"
-    shapes = SyntheticShapes(48, 32, seed=3)
-    for i in range(48):
-        image, label = shapes[i]
-        folder = root / f"class_{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.jpg", quality=90)
-    first = sorted(root.rglob("*.jpg"))[0]
-    first.write_bytes(first.read_bytes()[:200])
-    return tmp_path / "images", first
-
-
-def test_pretrain_on_a_folder_counts_the_bad_file_and_visualize_draws(tmp_path, jpeg_folder, caplog):
-    root, bad = jpeg_folder
-    out = tmp_path / "run"
-    cfg = load_config(None, [
-        f"output_dir={out}", "model.name=mae_vit_micro_patch4", "data.kind=folder", f"data.path={root}",
-        "data.batch_size=8", "data.num_workers=0", "schedule.epochs=2", "schedule.warmup_epochs=1",
-        "train.log_every=1", "checkpoint.every_steps=100",
-    ])
-    with caplog.at_level(logging.WARNING, logger="maescale"):
-        summary = pretrain(cfg)
-    assert [r.getMessage() for r in caplog.records if bad.name in r.getMessage()] == [
-        f"unreadable image {bad}: replaced by the next readable file"
-    ]  # once, though both epochs read it
-    assert summary["step"] == 12  # 48 images / 8 per batch x 2 epochs
-    assert read_metrics(out)[-1]["skipped_images"] == 1
-    figure = tmp_path / "fig.png"
-    cli = subprocess.run(
-        [sys.executable, "-m", "maescale", "visualize", "--ckpt", str(summary["checkpoint"]), "--out", str(figure),
-         "--images", str(root / "train"), "--num-images", "3"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert cli.returncode == 0, cli.stderr
-    with Image.open(figure) as image:
-        assert image.size[0] > image.size[1]  # 4 panels wide, 3 rows high
 
 
 def test_visualize_names_a_missing_checkpoint(tmp_path):

@@ -235,9 +235,9 @@ def build_loader(
 
 
 def first_images(data_cfg: Any, *, img_size: int, seed: int, count: int, split: str = "train") -> torch.Tensor:
-    """The first ``count`` images of ``split``, un-augmented ([count, 3, H, W], normalised):
-    a fixed set to reconstruct in figures."""
+    """The first ``count`` images of ``split``, un-augmented ([count, 3, H, W], normalised, on the
+    CPU whatever device the kind decodes to): a fixed set to reconstruct in figures."""
     data_cfg = replace(data_cfg, batch_size=count, num_workers=0)
     loader = build_loader(data_cfg, img_size=img_size, seed=seed, train=False, split=split)
     with closing(loader.epoch(0)) as batches:  # frees the kind's workers or threads at once
-        return next(batches).images
+        return next(batches).images.cpu()

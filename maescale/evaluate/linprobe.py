@@ -94,20 +94,32 @@ def linprobe(cfg: EvalConfig) -> dict:
     """Train and evaluate the linear head; returns the final top-1 / top-5 (percent)."""
     run = EvalRun(cfg, "linprobe")
     model = load_encoder(cfg.encoder, cfg.seed).to(run.accelerator.device)
-    val_loader, train_loader = (
-        eval_loader(cfg, model.img_size, cfg.val_split, run.accelerator),
-        train_images(cfg, model, run),
-    )
+    # Both loaders first: a bad split or a head batch larger than the split fails before any encoding.
+    val_loader = eval_loader(cfg, model.img_size, cfg.val_split, run.accelerator)
+    train_loader = train_images(cfg, model, run)
     check_head_batch(cfg.linprobe.batch_size, train_loader.num_samples)
     val = split_features(model, cfg, cfg.val_split, val_loader, run)
-    if cfg.linprobe.augment:
-        train = AugmentedTrainFeatures(train_loader, model, cfg.encoder.pool, run.accelerator.device)
-    else:
-        train = CachedTrainFeatures(
-            split_features(model, cfg, cfg.train_split, train_loader, run), cfg.linprobe.batch_size, cfg.seed
-        )
+    train = _train_batches(cfg, model, train_loader, run)
     set_seed(cfg.seed)  # the same head on every process
     head = build_head(val.features.shape[1], max(train.num_classes, val.num_classes))
+    result, steps = train_head(head, train, val, cfg, run)
+    run.print(
+        f"linprobe {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        f"({len(val.labels)} images)"
+    )
+    run.close()
+    return {**result, "val_images": len(val.labels), "steps": steps, "head": head}
+
+
+def _train_batches(cfg: EvalConfig, model, loader: Loader, run: EvalRun):
+    if cfg.linprobe.augment:
+        return AugmentedTrainFeatures(loader, model, cfg.encoder.pool, run.accelerator.device)
+    train = split_features(model, cfg, cfg.train_split, loader, run)
+    return CachedTrainFeatures(train, cfg.linprobe.batch_size, cfg.seed)
+
+
+def train_head(head: nn.Module, train, val: SplitFeatures, cfg: EvalConfig, run: EvalRun) -> tuple[dict, int]:
+    """LARS on the head, warmup + cosine per step, evaluated after each epoch; (last result, steps)."""
     lp, lr = cfg.linprobe, head_lr(cfg)
     optimizer = LARS(head.parameters(), lr=lr, weight_decay=lp.weight_decay, momentum=lp.momentum)
     total = train.steps_per_epoch * lp.epochs
@@ -134,12 +146,7 @@ def linprobe(cfg: EvalConfig) -> dict:
             step += 1
         result = evaluate_head(head, val.features, val.labels)
         run.log({"step": step, "epoch": epoch + 1, "loss": torch.stack(losses).mean().item(), "lr": step_lr, **result})
-    run.print(
-        f"linprobe {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-        f"({len(val.labels)} images)"
-    )
-    run.close()
-    return {**result, "val_images": len(val.labels), "steps": step, "head": head}
+    return result, step
 
 
 def train_images(cfg: EvalConfig, model, run: EvalRun) -> Loader:
