@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from maescale.bench import interleaved_times, paired_ratio, pick_device  # noqa: E402
 from maescale.data.loader import sample_mask_seed  # noqa: E402
-from maescale.data.transforms import mask_noise  # noqa: E402
+from maescale.data.seeding import mask_noise  # noqa: E402
 
 
 def per_sample_generators(seeds: torch.Tensor, num_patches: int, device: torch.device) -> torch.Tensor:

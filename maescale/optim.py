@@ -17,11 +17,15 @@ def effective_batch(cfg: Config, world_size: int) -> int:
     return cfg.data.batch_size * cfg.train.accum_iter * world_size
 
 
+def scaled_lr(blr: float, batch: int, lr: float | None = None) -> float:
+    """lr = blr * batch / 256 (the MAE rule, for pretraining, probing and fine-tuning alike);
+    `lr`, when set, overrides it."""
+    return lr if lr is not None else blr * batch / 256
+
+
 def peak_lr(cfg: Config, world_size: int) -> float:
-    """lr = blr * effective_batch / 256 (the MAE convention), unless `optim.lr` is set."""
-    if cfg.optim.lr is not None:
-        return cfg.optim.lr
-    return cfg.optim.blr * effective_batch(cfg, world_size) / 256
+    """The pretraining lr for the effective batch, unless `optim.lr` is set."""
+    return scaled_lr(cfg.optim.blr, effective_batch(cfg, world_size), cfg.optim.lr)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -94,5 +98,6 @@ def lr_at(step: int, *, peak: float, min_lr: float, steps_per_epoch: int, warmup
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr, times its `lr_scale` where one is set (fine-tuning's layer decay)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -349,7 +349,7 @@ def check_active(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str
     elif strategy == "ddp" and world > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
         raise StrategyError(f"parallel.strategy=ddp on {world} processes but the model is not DDP-wrapped")
     held = 100 * local_parameter_fraction(model)
-    return f"{strategy} on {world} process(es) ({placement(accelerator)}), {held:.1f}% of the parameters held here"
+    return f"{strategy} on {world} process(es) ({_placement(accelerator)}), {held:.1f}% of the parameters held here"
 
 
 def _check_deepspeed(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str:
@@ -365,7 +365,7 @@ def _check_deepspeed(model: nn.Module, cfg: Config, accelerator: Accelerator) ->
     else:
         held = 1.0
     return (
-        f"deepspeed on {world} process(es) ({placement(accelerator)}), ZeRO-{stage}, "
+        f"deepspeed on {world} process(es) ({_placement(accelerator)}), ZeRO-{stage}, "
         f"{100 * held:.1f}% of the parameters held here"
     )
 
@@ -420,15 +420,18 @@ def backend_name() -> str:
     return dist.get_backend() if dist.is_initialized() else "no process group"
 
 
-def placement(accelerator: Accelerator) -> str:
-    """Device and backend for the strategy line, saying why when GPUs are left unused."""
-    line = f"{accelerator.device.type}, {backend_name()}"
-    gpus, processes = torch.cuda.device_count(), local_processes()
-    if accelerator.device.type == "cpu" and gpus:
+def placement(device_type: str, backend: str, gpus: int, processes: int) -> str:
+    """Device and backend for the strategy line, saying why when the node's GPUs are left unused."""
+    line = f"{device_type}, {backend}"
+    if device_type == "cpu" and gpus:
         plural = "GPU" if gpus == 1 else "GPUs"
         reason = "parallel.backend=gloo" if gpus >= processes else f"{processes} processes, {gpus} {plural} on this node"
         line += f" fallback: {reason}"
     return line
+
+
+def _placement(accelerator: Accelerator) -> str:
+    return placement(accelerator.device.type, backend_name(), torch.cuda.device_count(), local_processes())
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, parallel
 from .config import Config, ConfigError, save_resolved
+from .errors import DataError
 from .data import Batch, EpochLoader, build_loader, first_images
 from .evaluate.monitor import KnnMonitor
 from .metrics import MetricsLogger, Throughput, accelerator_peak_flops, mae_train_flops_per_image, peak_memory_gib
@@ -127,7 +128,7 @@ def require_writable(folder: Path, rank: int) -> Path:
 def build_schedule(cfg: Config, loader: EpochLoader, world_size: int) -> Schedule:
     steps_per_epoch = loader.batches_per_epoch // cfg.train.accum_iter
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise DataError(
             f"the dataset gives {loader.batches_per_epoch} batches per process per epoch, fewer than "
             f"train.accum_iter={cfg.train.accum_iter}: lower data.batch_size or train.accum_iter"
         )

@@ -17,7 +17,7 @@ import torch
 from maescale.__main__ import main as cli_main
 from maescale.bench import StepBench, StepVariant, compare_variants, interleaved_times, paired_ratio
 from maescale.data.loader import Batch, sample_mask_seed
-from maescale.data.transforms import _splitmix64
+from maescale.data.seeding import _splitmix64
 from maescale.metrics import mae_train_flops_per_image
 from maescale.models import build_model
 

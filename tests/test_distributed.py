@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from maescale import checkpoint
 from maescale.config import load_config
-from maescale.export import load_run_model
+from maescale.interop import load_run_model
 from maescale.metrics import read_metrics
 from maescale.models import build_model
 from maescale.train import pretrain

@@ -18,7 +18,7 @@ from conftest import BAD_FILES, TINY_RUN, write_mixed_image_folder
 from maescale import checkpoint
 from maescale.config import load_config
 from maescale.errors import CheckpointError
-from maescale.export import load_run_model
+from maescale.interop import load_run_model
 from maescale.metrics import read_metrics
 from maescale.train import NonFiniteLossError, StopRequest, Trainer, pretrain
 from test_distributed import COMMON, REPO, free_port, run, worker_with_rank

@@ -41,6 +41,19 @@ def test_nccl_without_a_gpu_per_process_is_refused_in_one_line(gpus, processes):
         parallel.choose_backend("nccl", gpus, processes)
 
 
+@pytest.mark.parametrize(
+    "device, backend, gpus, processes, line",
+    [
+        ("cpu", "gloo", 0, 2, "cpu, gloo"),
+        ("cpu", "gloo", 1, 2, "cpu, gloo fallback: 2 processes, 1 GPU on this node"),
+        ("cpu", "gloo", 8, 2, "cpu, gloo fallback: parallel.backend=gloo"),
+        ("cuda", "nccl", 8, 8, "cuda, nccl"),
+    ],
+)
+def test_strategy_line_states_the_backend_and_why(device, backend, gpus, processes, line):
+    assert parallel.placement(device, backend, gpus, processes) == line
+
+
 def test_backend_key_is_checked_by_the_config():
     assert load_config(None, ["parallel.backend=gloo"]).parallel.backend == "gloo"
     with pytest.raises(ConfigError, match="parallel.backend"):

@@ -16,8 +16,6 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-# Old import path of the hashing helpers, still used by tests/test_bench.py and benchmarks/mask_noise.py.
-from .seeding import _splitmix64, mask_noise  # noqa: F401
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

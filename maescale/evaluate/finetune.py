@@ -33,7 +33,7 @@ from ..config import Config
 from ..data import Stream, build_loader, derive_seed
 from ..interop import METADATA_FORMAT, METADATA_TIMM_KWARGS, build_timm_vit, save_safetensors, timm_kwargs
 from ..models import MaskedAutoencoderViT
-from ..optim import lr_at
+from ..optim import lr_at, scaled_lr, set_lr
 from .accuracy import as_percentages, topk_hits
 from .config import EvalConfig
 from .features import load_encoder
@@ -100,7 +100,7 @@ class Finetuner:
         self.timm_kwargs = {**timm_kwargs(mae), "img_size": self.img_size, "num_classes": self.classes,
                             "global_pool": "avg", "fc_norm": True}
         self.global_batch = cfg.data.batch_size * acc.num_processes
-        self.peak_lr = ft.lr if ft.lr is not None else ft.blr * self.global_batch / 256
+        self.peak_lr = scaled_lr(ft.blr, self.global_batch, ft.lr)
         optimizer = torch.optim.AdamW(
             layer_decay_groups(model, ft.weight_decay, ft.layer_decay), lr=self.peak_lr, betas=(0.9, 0.999)
         )
@@ -115,12 +115,6 @@ class Finetuner:
         return lr_at(step, peak=self.peak_lr, min_lr=ft.min_lr, steps_per_epoch=self.steps_per_epoch,
                      warmup_epochs=ft.warmup_epochs, epochs=ft.epochs)
 
-    def set_lr(self, step: int) -> float:
-        lr = self.lr(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        return lr
-
     def loss(self, images: Tensor, labels: Tensor, step: int) -> Tensor:
         if self.mixup is None:
             return F.cross_entropy(self.model(images), labels, label_smoothing=self.cfg.finetune.label_smoothing)
@@ -131,7 +125,8 @@ class Finetuner:
 
     def train_step(self, batch, step: int) -> tuple[Tensor, float]:
         acc = self.run.accelerator
-        lr = self.set_lr(step)
+        lr = self.lr(step)
+        set_lr(self.optimizer, lr)
         loss = self.loss(batch.images.to(acc.device), batch.labels.to(acc.device), step)
         acc.backward(loss)
         parallel.clip_gradients(self.model, self.cfg.finetune.clip_grad, acc)

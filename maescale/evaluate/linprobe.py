@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data import Loader, Stream, build_loader, seeded_generator
 from ..errors import ConfigError, DataError
-from ..optim import lr_at, set_lr
+from ..optim import lr_at, scaled_lr, set_lr
 from .accuracy import topk_accuracy
 from .config import EvalConfig
 from .features import SplitFeatures, all_gather_cat, encode, eval_loader, load_encoder, split_features
@@ -78,7 +78,7 @@ class AugmentedTrainFeatures:
 
 def head_lr(cfg: EvalConfig) -> float:
     lp = cfg.linprobe
-    return lp.lr if lp.lr is not None else lp.blr * lp.batch_size / 256
+    return scaled_lr(lp.blr, lp.batch_size, lp.lr)
 
 
 @torch.no_grad()
