@@ -21,8 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from maescale.bench import (  # noqa: E402
-    COMPARE_HEADER, COMPARE_RULE, TABLE_HEADER, TABLE_RULE, StepVariant, bench_train_step, compare_row,
-    compare_variants, table_row,
+    COMPARE_HEADER,
+    COMPARE_RULE,
+    TABLE_HEADER,
+    TABLE_RULE,
+    StepVariant,
+    bench_train_step,
+    compare_row,
+    compare_variants,
+    table_row,
 )
 
 PAPER_MODELS = ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]

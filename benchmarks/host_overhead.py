@@ -43,7 +43,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -289,8 +288,8 @@ def trainer_rows(args, model_name: str, batch: int, world: int, tmp: Path) -> li
         noise = torch.rand(batch, trainer.num_patches)
         model = trainer.model
         if zero:  # the engine reduces in backward, clips and steps in engine.step()
-            phases = dict(forward=lambda: model(images, noise=noise)[0], backward=model.backward,
-                          clip=lambda: None, optimizer=model.step)
+            phases = dict(forward=lambda model=model, images=images, noise=noise: model(images, noise=noise)[0],
+                          backward=model.backward, clip=lambda: None, optimizer=model.step)
         else:
             phases = torch_step(model, trainer.optimizer, images, noise, parallel.clip_grad_norm, args.clip)
         trainers[strategy] = (trainer, Candidate(strategy, model, **phases))
@@ -301,7 +300,7 @@ def trainer_rows(args, model_name: str, batch: int, world: int, tmp: Path) -> li
             trainer, bare = trainers[name]
             trainer.schedule.last_step = trainer.state.step + args.trainer_steps
             with StopRequest() as stop:
-                trainer_time = timed(lambda: trainer._loop(stop), 1) / args.trainer_steps
+                trainer_time = timed(lambda trainer=trainer, stop=stop: trainer._loop(stop), 1) / args.trainer_steps
             bare_time = timed(bare.step, args.trainer_steps)
             if r:
                 times[name]["trainer"].append(trainer_time)

@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maescale.bench import COMPARE_HEADER, COMPARE_RULE, StepVariant, compare_row, compare_variants  # noqa: E402
 from straightforward_mae import build_straightforward, straightforward_step  # noqa: E402
+
+from maescale.bench import COMPARE_HEADER, COMPARE_RULE, StepVariant, compare_row, compare_variants  # noqa: E402
 
 VARIANTS = {
     "maescale": StepVariant(),

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from maescale.bench import TABLE_HEADER, TABLE_RULE, bench_train_step, table_row  # noqa: E402
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mae_vit_tiny_patch4", "mae_vit_base_patch16"])

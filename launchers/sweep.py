@@ -63,7 +63,7 @@ class Sweep:
     sbatch: list = field(default_factory=list)  # extra sbatch options for every job
     env: dict = field(default_factory=dict)  # environment of every job (e.g. MAESCALE_DEVICE: cpu)
 
-    def points(self) -> list["Point"]:
+    def points(self) -> list[Point]:
         axes = itertools.product(
             self.models, self.nodes, self.procs_per_node, self.strategies, self.mask_ratios, self.batch_per_gpu
         )
@@ -204,7 +204,7 @@ def measure_run(run_dir: Path, warmup_steps: int) -> dict:
 
 def add_efficiency(rows: list[dict]) -> None:
     """Scaling efficiency: per-GPU throughput relative to the same series at its fewest GPUs."""
-    for key, series in itertools.groupby(sorted(rows, key=_series_key), key=_series_key):
+    for _, series in itertools.groupby(sorted(rows, key=_series_key), key=_series_key):
         measured = [r for r in series if r.get("images_per_sec")]
         if not measured:
             continue

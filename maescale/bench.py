@@ -232,8 +232,9 @@ def compare_variants(
         before=lambda name: bench.apply(switches[name]), log=log, clock=clock,
     )
     reference = times[next(iter(steps))]
+    steps = rounds * steps_per_round
     return [
-        _result_row(bench, name, switches[name], statistics.median(t), paired_ratio(reference, t), rounds * steps_per_round)
+        _result_row(bench, name, switches[name], statistics.median(t), paired_ratio(reference, t), steps)
         for name, t in times.items()
     ]
 
@@ -299,7 +300,9 @@ def bench_train_step(
 TABLE_HEADER = "| model | device | batch | precision | compile | images/s | ms/step | TFLOP/s | MFU | peak GiB |"
 TABLE_RULE = "|---" * (TABLE_HEADER.count("|") - 1) + "|"
 
-COMPARE_HEADER = "| model | variant | batch | precision | strategy | images/s | ms/step | speedup | TFLOP/s | MFU | peak GiB |"
+COMPARE_HEADER = (
+    "| model | variant | batch | precision | strategy | images/s | ms/step | speedup | TFLOP/s | MFU | peak GiB |"
+)
 COMPARE_RULE = "|---" * (COMPARE_HEADER.count("|") - 1) + "|"
 
 
@@ -323,5 +326,6 @@ def compare_row(r: dict) -> str:
     mfu, memory = _mfu_and_memory(r)
     return (
         f"| {r['model']} | {r['variant']} | {r['batch_size']} | {r['precision']} | {r['strategy']} | "
-        f"{r['images_per_sec']:.2f} | {r['step_time_ms']:.1f} | {r['speedup']:.2f}x | {r['tflops']:.3f} | {mfu} | {memory} |"
+        f"{r['images_per_sec']:.2f} | {r['step_time_ms']:.1f} | {r['speedup']:.2f}x | {r['tflops']:.3f} | "
+        f"{mfu} | {memory} |"
     )

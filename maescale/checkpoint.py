@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from accelerate import Accelerator
+from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -211,7 +211,10 @@ def _load_zero_weights(model: nn.Module, path: Path) -> nn.Module:
     # ZeRO-1 checkpoints leave out frozen parameters; the fixed sin-cos tables are rebuilt exactly.
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     if result.unexpected_keys or set(result.missing_keys) - frozen:
-        raise CheckpointError(f"{path}: weights do not match the model: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        raise CheckpointError(
+            f"{path}: weights do not match the model: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )
     return model
 
 

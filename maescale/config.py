@@ -117,14 +117,45 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: Literal["ddp", "fsdp2", "deepspeed"] = opt("ddp", "ddp replicates the model; fsdp2 shards every block; deepspeed uses ZeRO (parallel.zero_stage); ddp on one process is plain training.")
+    strategy: Literal["ddp", "fsdp2", "deepspeed"] = opt(
+        "ddp",
+        "ddp replicates the model; fsdp2 shards the blocks (parallel.blocks_per_unit per unit), the decoder "
+        "and the rest; deepspeed uses ZeRO (parallel.zero_stage); ddp on one process is plain training."
+    )
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters.")
-    activation_checkpointing: bool = opt(False, "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).")
-    replicate_degree: int = opt(1, "FSDP2: >1 gives HSDP, replicas of this many groups, each sharding the model (e.g. nodes); must divide the process count.")
-    cpu_offload: bool = opt(False, "FSDP2: keep sharded weights, gradients and optimizer state in host memory and step the optimizer there (fits larger models on fewer GPUs, slower steps).")
-    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "Process-group backend: auto picks nccl when every process on the node has a GPU of its own, otherwise gloo with the processes computing on the CPU (e.g. 2-process tests on a 1-GPU machine); nccl or gloo forces it.")
-    blocks_per_unit: int = opt(4, "FSDP2: encoder blocks sharded together as one unit (one all-gather and one reduce-scatter per step each); fewer units cost less host time per step (docs/BENCHMARKS.md), each holds that many gathered blocks at a time.")
-    reshard_after_forward: bool = opt(False, "FSDP2: True frees the encoder's gathered weights after forward and gathers them again in backward (ZeRO-3 style: least memory, for models whose bf16 weights do not fit beside the activations); False keeps them until backward (ZeRO-2 style: one all-gather per unit per step instead of two, measured faster in docs/BENCHMARKS.md).")
+    activation_checkpointing: bool = opt(
+        False,
+        "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute)."
+    )
+    replicate_degree: int = opt(
+        1,
+        "FSDP2: >1 gives HSDP, replicas of this many groups, each sharding the model (e.g. nodes); must "
+        "divide the process count."
+    )
+    cpu_offload: bool = opt(
+        False,
+        "FSDP2: keep sharded weights, gradients and optimizer state in host memory and step the optimizer "
+        "there (fits larger models on fewer GPUs, slower steps)."
+    )
+    backend: Literal["auto", "nccl", "gloo"] = opt(
+        "auto",
+        "Process-group backend: auto picks nccl when every process on the node has a GPU of its own, "
+        "otherwise gloo with the processes computing on the CPU (e.g. 2-process tests on a 1-GPU machine); "
+        "nccl or gloo forces it."
+    )
+    blocks_per_unit: int = opt(
+        4,
+        "FSDP2: encoder blocks sharded together as one unit (one all-gather and one reduce-scatter per step "
+        "each); fewer units cost less host time per step (docs/BENCHMARKS.md), each holds that many gathered "
+        "blocks at a time."
+    )
+    reshard_after_forward: bool = opt(
+        False,
+        "FSDP2: True frees the encoder's gathered weights after forward and gathers them again in backward "
+        "(ZeRO-3 style: least memory, for models whose bf16 weights do not fit beside the activations); False"
+        " keeps them until backward (ZeRO-2 style: one all-gather per unit per step instead of two, measured "
+        "faster in docs/BENCHMARKS.md)."
+    )
 
 
 @dataclass

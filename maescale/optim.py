@@ -75,7 +75,8 @@ class LocalShardAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             tensors: tuple[list, ...] = ([], [], [], [], [], [])
             has_complex = self._init_group(group, *tensors)
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = ([local_tensor(t) for t in ts] for ts in tensors)
+            local = ([local_tensor(t) for t in ts] for ts in tensors)
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = local
             beta1, beta2 = group["betas"]
             adam(
                 params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,

@@ -425,7 +425,8 @@ def placement(device_type: str, backend: str, gpus: int, processes: int) -> str:
     line = f"{device_type}, {backend}"
     if device_type == "cpu" and gpus:
         plural = "GPU" if gpus == 1 else "GPUs"
-        reason = "parallel.backend=gloo" if gpus >= processes else f"{processes} processes, {gpus} {plural} on this node"
+        shared = f"{processes} processes, {gpus} {plural} on this node"
+        reason = "parallel.backend=gloo" if gpus >= processes else shared
         line += f" fallback: {reason}"
     return line
 

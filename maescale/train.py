@@ -8,7 +8,6 @@ device and is read (`.item()`) only on logging steps.
 
 from __future__ import annotations
 
-import math
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,13 +20,13 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, parallel
 from .config import Config, ConfigError, save_resolved
-from .errors import DataError
 from .data import Batch, EpochLoader, build_loader, first_images
+from .errors import DataError
 from .evaluate.monitor import KnnMonitor
 from .metrics import MetricsLogger, Throughput, accelerator_peak_flops, mae_train_flops_per_image, peak_memory_gib
 from .models import build_model
-from .parallel import no_gradient_sync
 from .optim import build_optimizer, effective_batch, lr_at, peak_lr, set_lr
+from .parallel import no_gradient_sync
 from .viz import draw_panels, reconstruction_panels
 
 FIGURE_IMAGES = 8
@@ -86,7 +85,7 @@ class StopRequest:
         self.signal_name: str | None = None
         self._previous = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -339,7 +338,8 @@ class Trainer:
         window_loss = torch.zeros((), device=acc.device)
         window_steps = 0
         throughput = Throughput()
-        bar = tqdm(total=s.last_step, initial=self.state.step, disable=not acc.is_main_process, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=s.last_step, initial=self.state.step, disable=not acc.is_main_process, unit="step",
+                   dynamic_ncols=True)
         try:
             for batches in stream:
                 lr = s.lr(self.state.step, cfg)
@@ -400,7 +400,8 @@ class Trainer:
         """Count a skipped update (train.nonfinite=skip); too many in one run is a diverged run."""
         self.nonfinite_skips += 1
         limit = self.cfg.train.max_nonfinite_skips
-        self.print(f"non-finite loss or gradients at step {self.state.step}: update skipped ({self.nonfinite_skips} of at most {limit})")
+        self.print(f"non-finite loss or gradients at step {self.state.step}: update skipped "
+                   f"({self.nonfinite_skips} of at most {limit})")
         if self.nonfinite_skips > limit:
             raise NonFiniteLossError(
                 f"{self.nonfinite_skips} updates skipped for non-finite loss or gradients (train.max_nonfinite_skips="

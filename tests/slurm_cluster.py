@@ -86,7 +86,7 @@ class SlurmCluster:
 
     # ------------------------------------------------------------ start / stop
 
-    def start(self, timeout: float = 30) -> "SlurmCluster":
+    def start(self, timeout: float = 30) -> SlurmCluster:
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()

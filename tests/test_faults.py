@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BAD_FILES, TINY_RUN, write_mixed_image_folder
+from test_distributed import COMMON, REPO, free_port, run, worker_with_rank
+
 from maescale import checkpoint
 from maescale.config import load_config
 from maescale.errors import CheckpointError
 from maescale.interop import load_run_model
 from maescale.metrics import read_metrics
 from maescale.train import NonFiniteLossError, StopRequest, Trainer, pretrain
-from test_distributed import COMMON, REPO, free_port, run, worker_with_rank
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from slurm_cluster import SlurmCluster, missing_requirement
 
 from maescale.metrics import read_metrics
-from slurm_cluster import SlurmCluster, missing_requirement
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 80
@@ -89,7 +89,7 @@ def resumed_step(run: Path, times: int) -> int:
     """Once the job log shows `times` resumes, the step of the last (0 for none)."""
     if times == 0:
         return 0
-    lines = wait_for(lambda: [l for l in job_log(run).splitlines() if l.startswith("resumed from")][times - 1:],
+    lines = wait_for(lambda: [line for line in job_log(run).splitlines() if line.startswith("resumed from")][times - 1:],
                      f"resume number {times}")
     return int(lines[-1].rsplit(" ", 1)[1])
 
@@ -149,7 +149,8 @@ def test_usr1_then_preempted_twice_resumes_with_the_same_steps(cluster, baseline
         else:
             baseline()  # the baseline's job must have ended, or it would be preempted too
             cluster.preempt(cpus=cluster.cpus)
-        wait_for(lambda: cluster.job(job_id).get("Restarts") == str(restart), f"job {job_id} to be requeued")
+        wait_for(lambda restart=restart: cluster.job(job_id).get("Restarts") == str(restart),
+                 f"job {job_id} to be requeued")
     info = cluster.wait_finished(job_id, JOB_TIMEOUT)
     log = job_log(run)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "3", log[-3000:]

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from maescale import checkpoint
 from maescale.config import load_config
