@@ -4,8 +4,9 @@
 (`choose_backend`: NCCL when every local process has a GPU of its own, otherwise gloo with
 the processes computing on the CPU, so the same code runs in tests without a GPU and on a
 one-GPU machine); `parallelize` applies, in this order, activation checkpointing,
-compilation (per block under FSDP2), FSDP2 sharding of every transformer block and then of
-the root (so the embeddings, tokens and norms outside the blocks form one last group);
+compilation (per block under FSDP2), FSDP2 sharding of the encoder blocks in groups, of the
+decoder blocks as one unit, and then of the root (so the embeddings, tokens and norms outside
+the blocks form one last group);
 `prepare` wraps the model and optimizer for the chosen strategy; `clip_gradients` clips
 with one norm over the local shards and one all-reduce; `check_active` fails loudly when
 the requested strategy is not the one running.
@@ -174,12 +175,13 @@ def launched_processes() -> int:
 
 
 def parallelize(model: nn.Module, cfg: Config, accelerator: Accelerator) -> nn.Module:
-    """Activation checkpointing -> compile -> per-block FSDP2 -> root FSDP2 (in place)."""
+    """Activation checkpointing -> compile -> FSDP2 on the blocks -> FSDP2 on the root (in place)."""
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     sharded = cfg.parallel.strategy == "fsdp2"
-    if cfg.train.compile:
-        # Under FSDP2 each block is compiled on its own, so FSDP's hooks stay outside the graphs.
-        compile_blocks(model) if sharded else model.compile()  # in place: state-dict keys stay plain
+    if cfg.train.compile and sharded:
+        compile_blocks(model)  # each block on its own, so FSDP2's hooks stay outside the graphs
+    elif cfg.train.compile:
+        model.compile()  # in place: state-dict keys stay free of `_orig_mod`
     if sharded:
         mesh = device_mesh(accelerator.num_processes, accelerator.device.type, cfg.parallel.replicate_degree)
         shard_fsdp2(model, mesh, fsdp2_options(cfg))
@@ -228,7 +230,8 @@ def fsdp2_options(cfg: Config) -> FSDP2Options:
 
 
 def shard_fsdp2(model: nn.Module, mesh, options: FSDP2Options = FSDP2Options()) -> None:
-    """fully_shard each encoder block, the decoder blocks, then the root (in place)."""
+    """fully_shard groups of `blocks_per_unit` encoder blocks, the decoder blocks, then the root
+    (in place)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp_policy = MixedPrecisionPolicy()
