@@ -78,7 +78,9 @@ def _best_batches(args: argparse.Namespace) -> dict[str, int]:
     return {model: batch for model, batch in json.loads(path.read_text()).items() if model in args.models}
 
 
-def _compare(args, section: str, model: str, batch: int, variants: dict[str, StepVariant], strategy: str = "plain") -> None:
+def _compare(
+    args, section: str, model: str, batch: int, variants: dict[str, StepVariant], strategy: str = "plain"
+) -> None:
     rows = compare_variants(model, variants, batch_size=batch, precision=args.precision, strategy=strategy,
                             rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup, device=args.device)
     _emit(args.out, section, rows, COMPARE_HEADER, COMPARE_RULE, compare_row)
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="results folder")
     parser.add_argument("--models", nargs="+", default=PAPER_MODELS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 256, 512], help="sweep section")
-    parser.add_argument("--encoder-batch", type=int, default=64, help="encoder section (mask tokens need ~4x activations)")
+    parser.add_argument("--encoder-batch", type=int, default=64,
+                        help="encoder section (mask tokens need ~4x activations)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (per round when comparing)")
     parser.add_argument("--warmup", type=int, default=3)

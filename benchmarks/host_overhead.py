@@ -279,7 +279,8 @@ def trainer_rows(args, model_name: str, batch: int, world: int, tmp: Path) -> li
             f"output_dir={tmp / f'{strategy}_{model_name}_{batch}'}", f"model.name={model_name}",
             f"data.batch_size={batch}", f"data.synthetic_size={batch * world * 10_000}",
             f"data.num_workers={args.trainer_workers}", f"optim.clip_grad={args.clip}",
-            f"parallel.strategy={'deepspeed' if zero else strategy}", f"parallel.zero_stage={strategy[-1] if zero else 2}",
+            f"parallel.strategy={'deepspeed' if zero else strategy}",
+            f"parallel.zero_stage={strategy[-1] if zero else 2}",
             "checkpoint.every_steps=1000000", "schedule.epochs=1", "schedule.warmup_epochs=0",
         ])
         trainer = Trainer(cfg)
@@ -410,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     zero = [s for s in args.trainer_strategies if s.startswith("zero")]
     if args.trainer and zero and len(args.trainer_strategies) > 1:
-        parser.error("--trainer-strategies: a ZeRO trainer runs alone (Accelerate keeps one DeepSpeed state per process)")
+        parser.error("--trainer-strategies: a ZeRO trainer runs alone "
+                     "(Accelerate keeps one DeepSpeed state per process)")
     rows = [row for world in args.world_sizes for row in run_world(world, args)]
     header, to_row = (TRAINER_HEADER, trainer_table_row) if args.trainer else (HEADER, table_row)
     lines = [header, "|---" * (header.count("|") - 1) + "|", *map(to_row, rows)]

@@ -69,7 +69,8 @@ def torchvision_epochs(folder: Path, workers: int, batch_size: int):
     ])
     dataset = datasets.ImageFolder(str(folder), transform=transform)
     # Worker processes end with each epoch, so their CPU time is counted (RUSAGE_CHILDREN).
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=True)
     return lambda epoch: iter(loader)
 
 
@@ -87,7 +88,8 @@ def measure(name: str, epochs, rows: list) -> None:
     timed_epoch(epochs_iter)  # warm-up: FFCV compiles its pipeline, file pages get cached
     images, wall, cpu = timed_epoch(epochs(1))
     rows.append((name, images / wall, 1000 * cpu / images))
-    print(f"{name}: {images} images in {wall:.1f} s, {images / wall:.0f} img/s, {1000 * cpu / images:.2f} CPU-ms/img", flush=True)
+    print(f"{name}: {images} images in {wall:.1f} s, {images / wall:.0f} img/s, "
+          f"{1000 * cpu / images:.2f} CPU-ms/img", flush=True)
 
 
 def main() -> None:
@@ -106,13 +108,17 @@ def main() -> None:
         beton = Path(tmp) / "photos.beton"
         start = time.perf_counter()
         write_beton(folder, beton, BetonOptions(max_resolution=256, jpeg_quality=90, num_workers=args.workers))
-        print(f"write-beton: {args.images} images in {time.perf_counter() - start:.1f} s, {beton.stat().st_size / 2**20:.0f} MiB")
+        print(f"write-beton: {args.images} images in {time.perf_counter() - start:.1f} s, "
+              f"{beton.stat().st_size / 2**20:.0f} MiB")
         rows: list = []
         # FFCV's first: its threads finish with the epoch, before any worker process exists.
-        measure("FFCV (maescale data.kind=ffcv)", maescale_loader_epochs(DataConfig(kind="ffcv", path=str(beton)), args.workers, args.batch_size), rows)
+        measure("FFCV (maescale data.kind=ffcv)",
+                maescale_loader_epochs(DataConfig(kind="ffcv", path=str(beton)), args.workers, args.batch_size), rows)
         measure("torchvision ImageFolder + PIL", torchvision_epochs(folder, args.workers, args.batch_size), rows)
         if not args.skip_folder:
-            measure("maescale data.kind=folder (PIL decode, bicubic v2)", maescale_loader_epochs(DataConfig(kind="folder", path=str(folder)), args.workers, args.batch_size), rows)
+            measure("maescale data.kind=folder (PIL decode, bicubic v2)",
+                    maescale_loader_epochs(DataConfig(kind="folder", path=str(folder)), args.workers, args.batch_size),
+                    rows)
     reference = rows[1]
     print(f"\n{args.images} images, batch {args.batch_size}, {args.workers} workers, {IMG_SIZE} px crops\n")
     print("| pipeline | images/s | CPU ms / image | images/s per core vs torchvision |")

@@ -48,7 +48,8 @@ def main() -> None:
     }
     times = interleaved_times(candidates, rounds=args.rounds, steps_per_round=args.steps, warmup=3, device=device)
     reference = times[next(iter(candidates))]
-    print(f"| masking noise, batch {args.batch_size} x {args.num_patches} patches, {device.type} | ms per batch | speedup |")
+    print(f"| masking noise, batch {args.batch_size} x {args.num_patches} patches, {device.type} "
+          "| ms per batch | speedup |")
     print("| --- | --- | --- |")
     for name, t in times.items():
         print(f"| {name} | {1000 * min(t):.3f} | {paired_ratio(reference, t):.2f}x |")

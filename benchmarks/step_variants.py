@@ -48,7 +48,9 @@ def straightforward_factory(model_name: str, device: torch.device, optimizer_ste
 
 def run(model: str, args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    variants = {name: replace(VARIANTS[name], optimizer_step=args.optimizer) for name in args.variants if name in VARIANTS}
+    variants = {
+        name: replace(VARIANTS[name], optimizer_step=args.optimizer) for name in args.variants if name in VARIANTS
+    }
     others = {name: straightforward_factory(model, device, args.optimizer) for name in args.variants if name in OTHERS}
     if args.variants[0] not in VARIANTS:
         raise SystemExit(f"the first (reference) variant must be one of {sorted(VARIANTS)}")

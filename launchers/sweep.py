@@ -93,7 +93,8 @@ class Point:
         s = self.sweep
         strategy = [o.format(nodes=self.nodes) for o in STRATEGY_OVERRIDES[self.strategy]]
         return [
-            f"output_dir={self.run_dir}", f"model.mask_ratio={self.mask_ratio}", f"data.batch_size={self.batch_per_gpu}",
+            f"output_dir={self.run_dir}", f"model.mask_ratio={self.mask_ratio}",
+            f"data.batch_size={self.batch_per_gpu}",
             f"train.max_steps={s.steps}", f"train.log_every={s.log_every}", "checkpoint.resume=none",
             f"checkpoint.every_steps={s.steps}", "train.figure_every=null", *strategy, *s.overrides,
         ]

@@ -66,7 +66,8 @@ BAD_FILES = ("cat/b_truncated.jpg", "cat/e_text.jpg", "dog/a_empty.jpg")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped, with the reason, where there is none")
-    config.addinivalue_line("markers", "deepspeed: runs DeepSpeed on the CPU; skipped, with the reason, where it cannot")
+    config.addinivalue_line("markers",
+                            "deepspeed: runs DeepSpeed on the CPU; skipped, with the reason, where it cannot")
 
 
 def _deepspeed_skip_reason() -> str | None:

@@ -37,7 +37,9 @@ FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
 
 def missing_requirement() -> str | None:
     """Why a cluster cannot be started here, or None when it can."""
-    missing = [name for name in (*DAEMONS, *CLIENTS) if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
+    missing = [
+        name for name in (*DAEMONS, *CLIENTS) if shutil.which(name) is None and not Path("/usr/sbin", name).exists()
+    ]
     if missing:
         return f"Slurm is not installed (missing {', '.join(missing)}): {INSTALL_HINT}"
     if os.geteuid() != 0:
@@ -119,7 +121,8 @@ class SlurmCluster:
         files = {name: self.munge_dir / name for name in ("munged.pid", "munged.log", "munged.seed")}
         subprocess.run(
             ["runuser", "-u", "munge", "--", _binary("munged"), f"--socket={self.socket}", f"--key-file={key}",
-             f"--pid-file={files['munged.pid']}", f"--log-file={files['munged.log']}", f"--seed-file={files['munged.seed']}"],
+             f"--pid-file={files['munged.pid']}", f"--log-file={files['munged.log']}",
+             f"--seed-file={files['munged.seed']}"],
             check=True,
         )
 
@@ -128,6 +131,11 @@ class SlurmCluster:
         self.cpus = hw["CPUs"]
         memory = max(hw["RealMemory"] // 2, 1)  # leave room for the rest of the machine
         r = self.root
+        node_line = (
+            f"NodeName={self.node} CPUs={hw['CPUs']} Boards={hw['Boards']} SocketsPerBoard={hw['SocketsPerBoard']} "
+            f"CoresPerSocket={hw['CoresPerSocket']} ThreadsPerCore={hw['ThreadsPerCore']} RealMemory={memory} "
+            "State=UNKNOWN"
+        )
         self.conf.write_text(f"""\
 ClusterName=maescale-test
 SlurmctldHost={self.node}(127.0.0.1)
@@ -158,7 +166,7 @@ KillWait=30
 ReturnToService=2
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-NodeName={self.node} CPUs={hw['CPUs']} Boards={hw['Boards']} SocketsPerBoard={hw['SocketsPerBoard']} CoresPerSocket={hw['CoresPerSocket']} ThreadsPerCore={hw['ThreadsPerCore']} RealMemory={memory} State=UNKNOWN
+{node_line}
 PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1
 PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
 """)
@@ -166,7 +174,8 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
     def _wait_until_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env()).stdout
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                                 env=self.env()).stdout
             if out.split() and set(out.split()) <= {"idle", "mixed", "allocated"}:
                 return
             time.sleep(0.3)
@@ -187,7 +196,8 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
     def _wait_for_no_jobs(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%T"], capture_output=True, text=True, env=self.env())
+            out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%T"], capture_output=True, text=True,
+                                 env=self.env())
             if out.returncode != 0 or set(out.stdout.split()) <= FINISHED_STATES:
                 return
             time.sleep(0.5)
@@ -213,7 +223,8 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
 
     def job(self, job_id: int) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); {} once the job is purged."""
-        result = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, env=self.env())
+        result = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
+                                env=self.env())
         if result.returncode != 0:
             return {}
         return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
@@ -232,8 +243,8 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
 
     def preempt(self, cpus: int) -> int:
         """Submit a short job to the high-tier partition that needs `cpus` CPUs; returns its id."""
-        return self.submit("--partition=urgent", f"--cpus-per-task={cpus}", f"--output={self.root / 'log' / 'urgent-%j.out'}",
-                           "--wrap", "sleep 1")
+        return self.submit("--partition=urgent", f"--cpus-per-task={cpus}",
+                           f"--output={self.root / 'log' / 'urgent-%j.out'}", "--wrap", "sleep 1")
 
 
 def _terminate(*pid_files: Path, timeout: float = 15) -> None:

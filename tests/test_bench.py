@@ -100,10 +100,12 @@ def test_flops_of_mask_tokens_and_recompute(name, with_mask_tokens, with_recompu
     = 402.06 GFLOP; checkpointing adds one forward of all blocks: 124.53 + 41.00 = 165.53."""
     with torch.device("meta"):
         model = build_model(name)
-    assert mae_train_flops_per_image(model, mask_tokens_in_encoder=True) / 1e9 == pytest.approx(with_mask_tokens, abs=0.01)
+    assert (mae_train_flops_per_image(model, mask_tokens_in_encoder=True) / 1e9
+            == pytest.approx(with_mask_tokens, abs=0.01))
     assert mae_train_flops_per_image(model, include_recompute=True) / 1e9 == pytest.approx(with_recompute, abs=0.01)
     # the [M] encoder does the work of an encoder without masking
-    assert mae_train_flops_per_image(model, mask_tokens_in_encoder=True) == mae_train_flops_per_image(model, mask_ratio=0.0)
+    assert (mae_train_flops_per_image(model, mask_tokens_in_encoder=True)
+            == mae_train_flops_per_image(model, mask_ratio=0.0))
 
 
 def test_flops_follow_the_models_own_switch():
@@ -182,8 +184,8 @@ def test_bench_command_takes_the_variant_options(capsys):
 
 def test_step_variants_script():
     done = _script("benchmarks/step_variants.py", "--models", MICRO, "--batch-size", "2", "--variants", "maescale",
-                   "mask_tokens_in_encoder", "straightforward", "--rounds", "1", "--steps", "1", "--warmup", "1", "--no-optimizer",
-                   "--device", "cpu")
+                   "mask_tokens_in_encoder", "straightforward", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                   "--no-optimizer", "--device", "cpu")
     rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {MICRO}")]
     assert [row.split("|")[2].strip() for row in rows] == ["maescale", "mask_tokens_in_encoder", "straightforward"]
 
@@ -224,7 +226,8 @@ def test_gpu_check_script_is_valid_and_names_real_sections():
 
 def test_gpu_suite_sections_on_cpu(tmp_path):
     """The Python side of gpu_check.sh with a tiny model (bf16 autocast works on CPU too)."""
-    tiny = ["--out", str(tmp_path), "--models", MICRO, "--steps", "1", "--warmup", "1", "--rounds", "1", "--device", "cpu"]
+    tiny = ["--out", str(tmp_path), "--models", MICRO, "--steps", "1", "--warmup", "1", "--rounds", "1",
+            "--device", "cpu"]
     gpu_suite.main(["sweep", *tiny, "--batch-sizes", "2", "4"])
     assert json.loads((tmp_path / "best_batch.json").read_text())[MICRO] in (2, 4)
     gpu_suite.main(["encoder", *tiny, "--encoder-batch", "2"])
@@ -239,7 +242,8 @@ def test_gpu_suite_sections_on_cpu(tmp_path):
 
 
 def test_mask_noise_benchmark_runs():
-    out = _script("benchmarks/mask_noise.py", "--device", "cpu", "--batch-size", "4", "--num-patches", "8", "--rounds", "1", "--steps", "1").stdout
+    out = _script("benchmarks/mask_noise.py", "--device", "cpu", "--batch-size", "4", "--num-patches", "8",
+                  "--rounds", "1", "--steps", "1").stdout
     assert re.search(r"\| hash on the device \| [\d.]+ \| [\d.]+x \|", out), out
 
 

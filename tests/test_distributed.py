@@ -38,18 +38,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out: Path, nproc: int, *overrides: str, steps: int = 6, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+def run(
+    out: Path, nproc: int, *overrides: str, steps: int = 6, launcher: str = "torchrun"
+) -> subprocess.CompletedProcess:
     """`maescale pretrain` on `nproc` processes with the same global batch; returns the finished process."""
-    args = [*COMMON, f"output_dir={out}", f"data.batch_size={GLOBAL_BATCH // nproc}", f"train.max_steps={steps}", *overrides]
+    args = [*COMMON, f"output_dir={out}", f"data.batch_size={GLOBAL_BATCH // nproc}", f"train.max_steps={steps}",
+            *overrides]
     command = [sys.executable, "-m", "maescale"]
     if nproc > 1 and launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                    f"--master_port={free_port()}", "-m", "maescale"]
     elif nproc > 1:  # the documented way: accelerate launch with a config from configs/accelerate
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
+        command = [sys.executable, "-m", "accelerate.commands.launch",
+                   "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
                    "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "maescale"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([*command, "pretrain", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*command, "pretrain", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -85,12 +90,17 @@ def single(tmp_path_factory) -> Path:
         ("fsdp2_bf16", ["parallel.strategy=fsdp2", "train.precision=bf16"], 2e-2),
         ("fsdp2_offload", ["parallel.strategy=fsdp2", "parallel.cpu_offload=true"], 1e-4),
         ("hsdp", ["parallel.strategy=fsdp2", "parallel.replicate_degree=2"], 1e-4),
-        pytest.param("zero1", ["parallel.strategy=deepspeed", "parallel.zero_stage=1"], 1e-4, marks=pytest.mark.deepspeed),
-        pytest.param("zero2", ["parallel.strategy=deepspeed", "parallel.zero_stage=2"], 1e-4, marks=pytest.mark.deepspeed),
-        pytest.param("zero3", ["parallel.strategy=deepspeed", "parallel.zero_stage=3"], 1e-4, marks=pytest.mark.deepspeed),
+        pytest.param("zero1", ["parallel.strategy=deepspeed", "parallel.zero_stage=1"], 1e-4,
+                     marks=pytest.mark.deepspeed),
+        pytest.param("zero2", ["parallel.strategy=deepspeed", "parallel.zero_stage=2"], 1e-4,
+                     marks=pytest.mark.deepspeed),
+        pytest.param("zero3", ["parallel.strategy=deepspeed", "parallel.zero_stage=3"], 1e-4,
+                     marks=pytest.mark.deepspeed),
         # 2 processes x 2 micro-batches of 4 = the same global batch of 16
-        pytest.param("zero2_accum", ["parallel.strategy=deepspeed", "parallel.zero_stage=2", "data.batch_size=4", "train.accum_iter=2"], 1e-4, marks=pytest.mark.deepspeed),
-        pytest.param("zero3_bf16", ["parallel.strategy=deepspeed", "parallel.zero_stage=3", "train.precision=bf16"], 2e-2, marks=pytest.mark.deepspeed),
+        pytest.param("zero2_accum", ["parallel.strategy=deepspeed", "parallel.zero_stage=2",
+                                     "data.batch_size=4", "train.accum_iter=2"], 1e-4, marks=pytest.mark.deepspeed),
+        pytest.param("zero3_bf16", ["parallel.strategy=deepspeed", "parallel.zero_stage=3", "train.precision=bf16"],
+                     2e-2, marks=pytest.mark.deepspeed),
     ],
 )
 def test_two_processes_match_one(tmp_path, single, name, overrides, tolerance):
@@ -98,7 +108,8 @@ def test_two_processes_match_one(tmp_path, single, name, overrides, tolerance):
     result = run(out, 2, *overrides, *KNN_MONITOR)
     strategy = overrides[0].split("=")[1]
     # "(cpu, gloo)", or "(cpu, gloo fallback: 2 processes, 1 GPU on this node)" on a one-GPU machine
-    held = re.search(rf"{strategy} on 2 process\(es\) \(cpu, gloo[^)]*\), (ZeRO-\d, )?([\d.]+)% of the parameters held here",
+    held = re.search(rf"{strategy} on 2 process\(es\) \(cpu, gloo[^)]*\), "
+                     rf"(ZeRO-\d, )?([\d.]+)% of the parameters held here",
                      result.stdout)
     assert held, result.stdout
     # FSDP2 and ZeRO-3 really shard: rank 0 holds about half (FSDP2 keeps the [1, L, D] position
@@ -176,7 +187,8 @@ def test_export_consolidated_of_a_sharded_checkpoint(tmp_path, strategy):
     ckpt = checkpoint.latest(checkpoint.checkpoint_root(out))
     exported = tmp_path / "mae.safetensors"
     cli = subprocess.run(
-        [sys.executable, "-m", "maescale", "export", "--ckpt", str(ckpt), "--format", "consolidated", "--out", str(exported)],
+        [sys.executable, "-m", "maescale", "export", "--ckpt", str(ckpt), "--format", "consolidated",
+         "--out", str(exported)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert cli.returncode == 0, cli.stderr

@@ -100,7 +100,9 @@ def straight_nine_steps(tmp_path_factory) -> list[float]:
     pytest.param(["parallel.strategy=fsdp2"], id="fsdp2"),
     pytest.param(["parallel.strategy=deepspeed", "parallel.zero_stage=2"], id="zero2", marks=pytest.mark.deepspeed),
 ])
-def test_a_rank_killed_mid_training_ends_the_job_and_the_rerun_continues_exactly(tmp_path, strategy, straight_nine_steps):
+def test_a_rank_killed_mid_training_ends_the_job_and_the_rerun_continues_exactly(
+    tmp_path, strategy, straight_nine_steps
+):
     out = tmp_path / "run"
     root = checkpoint.checkpoint_root(out)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -123,7 +125,8 @@ def test_a_rank_killed_mid_training_ends_the_job_and_the_rerun_continues_exactly
     assert proc.returncode != 0
     assert "Signal 9 (SIGKILL)" in output or "exitcode  : -9" in output, output[-3000:]
 
-    rerun = subprocess.run([*command, "train.max_steps=9"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([*command, "train.max_steps=9"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "resumed from" in rerun.stdout + rerun.stderr
     rows = read_metrics(out)
@@ -139,7 +142,8 @@ def tmpfs(path: Path, size: str, read_only: bool = False):
     """A real small file system (needs root; skipped with the reason otherwise)."""
     path.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (",ro" if read_only else "")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                             text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {mounted.stderr.strip()}")
     try:
@@ -161,7 +165,8 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_last_checkpoint(tmp_pa
         pretrain(load_config(None, [*overrides, "train.max_steps=4"]))
         root = checkpoint.checkpoint_root(out)
         fill_up(disk, leave_bytes=256 * 1024)  # room for metric lines, not for a checkpoint
-        with pytest.raises(CheckpointError, match=rf"could not write checkpoint {root / 'step_00000008'} \(0\.\d MiB free on its file system\)"):
+        with pytest.raises(CheckpointError, match=rf"could not write checkpoint {root / 'step_00000008'} "
+                                                  rf"\(0\.\d MiB free on its file system\)"):
             pretrain(load_config(None, [*overrides, "train.max_steps=8"]))
         assert [p.name for _, p in checkpoint.complete_checkpoints(root)] == ["step_00000004"]
         assert not list(root.glob(checkpoint.PARTIAL_PREFIX + "*"))
@@ -248,7 +253,8 @@ def test_a_damaged_checkpoint_is_a_clear_error_pointing_to_the_previous_one(tmp_
     assert f"{newest} cannot be loaded" in result.stderr
     assert f"checkpoint.resume={root / 'step_00000004'}" in result.stderr
     assert "Traceback" not in result.stderr
-    resumed = cli("pretrain", *TINY_RUN, f"output_dir={out}", "train.max_steps=12", f"checkpoint.resume={root / 'step_00000004'}")
+    resumed = cli("pretrain", *TINY_RUN, f"output_dir={out}", "train.max_steps=12",
+                  f"checkpoint.resume={root / 'step_00000004'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 

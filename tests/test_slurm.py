@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(missing_requirement() is not None, reason=str(mi
 
 def job_env() -> dict[str, str]:
     """What the jobs inherit through sbatch: this interpreter and this checkout, on CPU."""
-    return {"MAESCALE_PYTHON": sys.executable, "PYTHONPATH": str(REPO), "MAESCALE_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    return {"MAESCALE_PYTHON": sys.executable, "PYTHONPATH": str(REPO), "MAESCALE_DEVICE": "cpu",
+            "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -89,8 +90,10 @@ def resumed_step(run: Path, times: int) -> int:
     """Once the job log shows `times` resumes, the step of the last (0 for none)."""
     if times == 0:
         return 0
-    lines = wait_for(lambda: [line for line in job_log(run).splitlines() if line.startswith("resumed from")][times - 1:],
-                     f"resume number {times}")
+    lines = wait_for(
+        lambda: [line for line in job_log(run).splitlines() if line.startswith("resumed from")][times - 1:],
+        f"resume number {times}",
+    )
     return int(lines[-1].rsplit(" ", 1)[1])
 
 
@@ -129,10 +132,12 @@ def baseline(cluster, tmp_path_factory):
 def test_script_without_gpus_fails_with_a_clear_error(cluster, tmp_path):
     """The ViT-H script on a node without GPUs, not told to use the CPU: a message, not a hang."""
     env = {**job_env(), "MAESCALE_DEVICE": "gpu"}
-    job_id = cluster.submit(*FIT_ONE_CPU_NODE, f"--output={tmp_path}/job.log", "slurm/pretrain_vith.sh", env=env, cwd=REPO)
+    job_id = cluster.submit(*FIT_ONE_CPU_NODE, f"--output={tmp_path}/job.log", "slurm/pretrain_vith.sh", env=env,
+                            cwd=REPO)
     info = cluster.wait_finished(job_id, 60)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0"
-    assert "no GPUs allocated: request --gpus-per-node, or run on CPU with MAESCALE_DEVICE=cpu" in (tmp_path / "job.log").read_text()
+    assert ("no GPUs allocated: request --gpus-per-node, or run on CPU with MAESCALE_DEVICE=cpu"
+            in (tmp_path / "job.log").read_text())
 
 
 def test_usr1_then_preempted_twice_resumes_with_the_same_steps(cluster, baseline, tmp_path):
@@ -195,9 +200,12 @@ def test_sweep_submits_one_job_per_point_and_summarizes(cluster, tmp_path):
     for point in points:
         job_id = yaml.safe_load(point.read_text())["job_id"]
         info = cluster.wait_finished(job_id, JOB_TIMEOUT)
-        assert info["JobState"] == "COMPLETED", (point.parent / f"slurm-{job_id}.out").read_text(errors="replace")[-3000:]
+        assert info["JobState"] == "COMPLETED", (
+            (point.parent / f"slurm-{job_id}.out").read_text(errors="replace")[-3000:]
+        )
 
-    summary = subprocess.run([*command, "summarize", str(sweep_file)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    summary = subprocess.run([*command, "summarize", str(sweep_file)], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
     assert summary.returncode == 0, summary.stderr
     with open(tmp_path / "sweep" / "summary.csv") as f:
         rows = list(csv.DictReader(f))

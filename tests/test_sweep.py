@@ -16,7 +16,8 @@ from launchers.sweep import load_sweep, summarize  # noqa: E402
 
 
 def sweep_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launchers.sweep", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "launchers.sweep", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
 
 
 def test_dry_run_prints_one_sbatch_command_per_point_and_submits_nothing(tmp_path):
@@ -27,12 +28,13 @@ def test_dry_run_prints_one_sbatch_command_per_point_and_submits_nothing(tmp_pat
     result = sweep_cli("submit", str(sweep_file), "--dry-run")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    points = len(tree["models"]) * len(tree["nodes"]) * len(tree["strategies"]) * len(tree["mask_ratios"]) * len(tree["batch_per_gpu"])
+    points = (len(tree["models"]) * len(tree["nodes"]) * len(tree["strategies"]) * len(tree["mask_ratios"])
+              * len(tree["batch_per_gpu"]))
     assert len(lines) == points
     vith_hsdp_8 = next(line for line in lines if "--job-name=scaling-vith-n8-hsdp-m0.75-b64" in line)
-    for part in ["sbatch --parsable", "--nodes=8", "--time=00:30:00", "slurm/pretrain_vith.sh", "parallel.strategy=fsdp2",
-                 "parallel.replicate_degree=8", "train.max_steps=60", "data.batch_size=64", "data.kind=synthetic",
-                 f"output_dir={tmp_path / 'runs' / 'vith-n8-hsdp-m0.75-b64'}"]:
+    for part in ["sbatch --parsable", "--nodes=8", "--time=00:30:00", "slurm/pretrain_vith.sh",
+                 "parallel.strategy=fsdp2", "parallel.replicate_degree=8", "train.max_steps=60", "data.batch_size=64",
+                 "data.kind=synthetic", f"output_dir={tmp_path / 'runs' / 'vith-n8-hsdp-m0.75-b64'}"]:
         assert part in vith_hsdp_8
     assert not (tmp_path / "runs").exists()
 
@@ -62,7 +64,8 @@ def write_run(run_dir: Path, point: dict, world_size: int, rates: list[float], l
     (run_dir / "point.yaml").write_text(yaml.safe_dump({**point, "job_id": 1}))
     derived = {"world_size": world_size, "effective_batch": 8 * world_size, "last_step": last_step}
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "mae_vit_tiny_patch4"}, "derived": derived}))
-    rows = [{"step": 2 * (i + 1), "loss": 1.0, "images_per_sec": rate, "peak_memory_gib": 1.0 + i} for i, rate in enumerate(rates)]
+    rows = [{"step": 2 * (i + 1), "loss": 1.0, "images_per_sec": rate, "peak_memory_gib": 1.0 + i}
+            for i, rate in enumerate(rates)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -70,12 +73,14 @@ def test_summarize_measures_the_steady_state_and_efficiency(tmp_path):
     root = tmp_path / "runs"
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({
-        "output_root": str(root), "procs_per_node": [1, 2, 4], "batch_per_gpu": [8], "steps": 6, "warmup_steps": 2, "log_every": 2,
+        "output_root": str(root), "procs_per_node": [1, 2, 4], "batch_per_gpu": [8], "steps": 6, "warmup_steps": 2,
+        "log_every": 2,
     }))
     sweep = load_sweep(sweep_file)
     p1, p2, p4 = sweep.points()
     base = {"model": "vitb", "nodes": 1, "strategy": "ddp", "mask_ratio": 0.75, "batch_per_gpu": 8}
-    write_run(p1.run_dir, {**base, "procs_per_node": 1}, 1, rates=[1.0, 100.0, 300.0], last_step=6)  # first window: warm-up
+    # first window: warm-up
+    write_run(p1.run_dir, {**base, "procs_per_node": 1}, 1, rates=[1.0, 100.0, 300.0], last_step=6)
     write_run(p2.run_dir, {**base, "procs_per_node": 2}, 2, rates=[1.0, 300.0, 300.0], last_step=6)
     (p4.run_dir).mkdir(parents=True)
     (p4.run_dir / "point.yaml").write_text(yaml.safe_dump({**base, "procs_per_node": 4, "job_id": 3}))  # never ran

@@ -75,7 +75,8 @@ def test_checkpoints_keep_last_and_ignore_partials(tmp_path, tiny_overrides):
 
 
 def test_non_finite_loss_stops_without_saving_it(tmp_path, tiny_overrides):
-    cfg = load_config(None, [*tiny_overrides, "optim.lr=1e12", "optim.weight_decay=0", "train.max_steps=40", "checkpoint.every_steps=2"])
+    cfg = load_config(None, [*tiny_overrides, "optim.lr=1e12", "optim.weight_decay=0", "train.max_steps=40",
+                             "checkpoint.every_steps=2"])
     with pytest.raises(NonFiniteLossError, match="Last good checkpoint"):
         pretrain(cfg)
     root = checkpoint.checkpoint_root(cfg.output_dir)
@@ -89,7 +90,8 @@ def test_non_finite_loss_stops_without_saving_it(tmp_path, tiny_overrides):
 
 def test_ctrl_c_saves_and_the_rerun_resumes(tmp_path, tiny_overrides):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "maescale", "pretrain", *tiny_overrides, "train.max_steps=100000", "schedule.epochs=5000"]
+    cmd = [sys.executable, "-m", "maescale", "pretrain", *tiny_overrides, "train.max_steps=100000",
+           "schedule.epochs=5000"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
@@ -119,7 +121,8 @@ def test_cli_help_lists_subcommands_and_keys():
     assert top.returncode == 0
     for command in ("pretrain", "visualize", "bench"):
         assert command in top.stdout
-    sub = subprocess.run([sys.executable, "-m", "maescale", "pretrain", "--help"], capture_output=True, text=True, cwd=REPO)
+    sub = subprocess.run([sys.executable, "-m", "maescale", "pretrain", "--help"], capture_output=True, text=True,
+                         cwd=REPO)
     assert sub.returncode == 0
     for key in ("--config", "optim.blr", "train.max_steps", "checkpoint.keep_last", "data.kind"):
         assert key in sub.stdout
