@@ -178,10 +178,13 @@ def build_zero_candidate(stage: int, args, model_name: str, batch: int, images, 
     # As Accelerate does for an optimizer of the user's (the trainer's path).
     ds_config = {**parallel.deepspeed_config(cfg), "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
-    return Candidate(
-        f"zero{stage}", engine, forward=lambda: engine(images, noise=noise)[0], backward=engine.backward,
-        clip=lambda: None, optimizer=engine.step,
-    )
+    return Candidate(f"zero{stage}", engine, **zero_step(engine, images, noise))
+
+
+def zero_step(engine, images, noise) -> dict:
+    """The phases of a DeepSpeed step: the engine reduces in backward, clips and steps in engine.step()."""
+    return dict(forward=lambda: engine(images, noise=noise)[0], backward=engine.backward, clip=lambda: None,
+                optimizer=engine.step)
 
 
 def build_candidates(args, model_name: str, batch: int, accelerator) -> list[Candidate]:
@@ -288,9 +291,8 @@ def trainer_rows(args, model_name: str, batch: int, world: int, tmp: Path) -> li
         images = torch.randn(batch, 3, trainer.img_size, trainer.img_size)
         noise = torch.rand(batch, trainer.num_patches)
         model = trainer.model
-        if zero:  # the engine reduces in backward, clips and steps in engine.step()
-            phases = dict(forward=lambda model=model, images=images, noise=noise: model(images, noise=noise)[0],
-                          backward=model.backward, clip=lambda: None, optimizer=model.step)
+        if zero:
+            phases = zero_step(model, images, noise)
         else:
             phases = torch_step(model, trainer.optimizer, images, noise, parallel.clip_grad_norm, args.clip)
         trainers[strategy] = (trainer, Candidate(strategy, model, **phases))

@@ -375,9 +375,8 @@ def _check_deepspeed(model: nn.Module, cfg: Config, accelerator: Accelerator) ->
 
 def local_parameter_fraction(model: nn.Module) -> float:
     """Share of the model's parameter elements stored by this process (1.0 unless sharded)."""
-
     params = list(model.parameters())
-    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    local = sum(local_tensor(p).numel() for p in params)
     return local / sum(p.numel() for p in params)
 
 
@@ -392,12 +391,10 @@ def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
 
 def all_finite(loss: torch.Tensor, model: nn.Module) -> bool:
     """True when the loss and every local gradient (shard) are finite on every process (one host sync)."""
-
     local = [torch.isfinite(loss).all()]
     for p in model.parameters():
         if p.grad is not None:
-            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            local.append(torch.isfinite(grad).all())
+            local.append(torch.isfinite(local_tensor(p.grad)).all())
     return not any_process(not bool(torch.stack(local).all()))
 
 
