@@ -190,7 +190,7 @@ def zero_step(engine, images, noise) -> dict:
 def build_candidates(args, model_name: str, batch: int, accelerator) -> list[Candidate]:
     torch.manual_seed(1)
     probe = build_model(model_name)
-    images = torch.randn(batch, probe.in_chans, probe.img_size, probe.img_size)
+    images = torch.randn(batch, probe.in_chans, *probe.img_size)
     noise = torch.rand(batch, probe.num_patches)
     world = dist.get_world_size()
     names = [n for n in args.candidates if not (n == "plain" and world > 1)]
@@ -288,7 +288,7 @@ def trainer_rows(args, model_name: str, batch: int, world: int, tmp: Path) -> li
         ])
         trainer = Trainer(cfg)
         trainer.prepare_run_folder()
-        images = torch.randn(batch, 3, trainer.img_size, trainer.img_size)
+        images = torch.randn(batch, cfg.model.in_chans, *trainer.img_size)
         noise = torch.rand(batch, trainer.num_patches)
         model = trainer.model
         if zero:

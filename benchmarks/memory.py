@@ -14,7 +14,9 @@ AdamW step on one image per process (fp32 unless the row says bf16), and report 
   partitions, optimizer moments), deduplicated by storage, so no strategy's internals need
   to be known;
 * peak RSS growth: the process's high-water resident memory minus its resident memory
-  before the model was built (Linux), which also sees buffers owned by C++ (DDP buckets).
+  before the model was built (Linux), which also sees buffers owned by C++ (DDP buckets);
+  also taken right after construction (`maescale.parallel.build_model`: FSDP2 from the meta
+  device, ZeRO-3 under `deepspeed.zero.Init`), and compared with the whole fp32 model.
 
 The table shows the maximum over processes; "vs ddp" compares the larger live-tensor figure.
 """
@@ -83,6 +85,11 @@ def parameters_held(model) -> int:
     return total
 
 
+def full_fp32_bytes(model) -> int:
+    """The whole model in fp32 (a DTensor counts its global size, a ZeRO-3 parameter its ds_numel)."""
+    return 4 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def measure(model_name: str, strategy: str) -> dict[str, int]:
     """Run one step with `strategy` in this (torchrun-launched) process."""
     from maescale import parallel
@@ -94,11 +101,12 @@ def measure(model_name: str, strategy: str) -> dict[str, int]:
     accelerator = parallel.build_accelerator(cfg)
     rss_before = resident_kib("VmRSS")
     torch.manual_seed(0)
-    model = parallel.parallelize(build_model(model_name), cfg, accelerator)
-    size = model.img_size
+    model = parallel.build_model(lambda: build_model(model_name), cfg, accelerator)
+    construction = (resident_kib("VmHWM") - rss_before) * 1024
     optimizer = build_optimizer(model, cfg, lr=1e-4)
+    shape = (1, model.in_chans, *model.img_size)  # before prepare() wraps the model
     model, optimizer = parallel.prepare(model, optimizer, cfg, accelerator)
-    images = torch.randn(1, 3, size, size, device=accelerator.device, dtype=parallel.input_dtype(accelerator))
+    images = torch.randn(shape, device=accelerator.device, dtype=parallel.input_dtype(accelerator))
     loss, _, _ = model(images)
     accelerator.backward(loss)
     # Gradients live in C++ until Python asks for them; holding them makes them visible.
@@ -110,7 +118,9 @@ def measure(model_name: str, strategy: str) -> dict[str, int]:
         "parameters": parameters_held(model),
         "after_backward": after_backward,
         "after_step": after_step,
+        "rss_at_construction": construction,
         "rss_growth": (resident_kib("VmHWM") - rss_before) * 1024,
+        "full_model": full_fp32_bytes(model),
     }
 
 
@@ -139,14 +149,16 @@ def launch(model_name: str, strategy: str, nproc: int) -> dict[str, int]:
 
 def print_table(model_name: str, nproc: int, rows: dict[str, dict[str, int]]) -> None:
     print(f"{model_name}, {nproc} processes, AdamW, one image per process; MiB per process (max over processes)\n")
-    print("| strategy | parameters held | live tensors after backward | after step | peak RSS growth | vs ddp |")
-    print("|---|---|---|---|---|---|")
+    print("| strategy | parameters held | live tensors after backward | after step | peak RSS growth "
+          "| RSS growth at construction (x full fp32 model) | vs ddp |")
+    print("|---|---|---|---|---|---|---|")
     base = max(rows["ddp"]["after_backward"], rows["ddp"]["after_step"]) if "ddp" in rows else None
     for strategy, r in rows.items():
         mib = {k: v / 2**20 for k, v in r.items()}
         ratio = f"{max(r['after_backward'], r['after_step']) / base:.2f}" if base else "-"
         print(f"| {strategy} | {mib['parameters']:.0f} | {mib['after_backward']:.0f} | {mib['after_step']:.0f} | "
-              f"{mib['rss_growth']:.0f} | {ratio} |")
+              f"{mib['rss_growth']:.0f} | {mib['rss_at_construction']:.0f} "
+              f"({r['rss_at_construction'] / r['full_model']:.2f}x) | {ratio} |")
 
 
 def main() -> None:

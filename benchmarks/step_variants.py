@@ -34,6 +34,7 @@ VARIANTS = {
     "fused_adamw": StepVariant(fused_adamw=True),
     "unfused_adamw": StepVariant(fused_adamw=False),
     "checkpointing": StepVariant(activation_checkpointing=True),
+    "selective_checkpointing": StepVariant(activation_checkpointing="selective"),
     "compile_fused": StepVariant(compile=True, fused_adamw=True),
 }
 OTHERS = ("straightforward",)

@@ -47,6 +47,9 @@ def silence_uninformative_warnings() -> None:
     # torch.distributed.checkpoint on a single-process load (visualize, export, evaluation, a
     # one-process resume): loading in one process is exactly what is meant.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    # FSDP2 on every step: a Linear's 3-D output is a view of its 2-D matmul. The warning is about
+    # in-place ops on such outputs, which maescale never does.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def check_extras(cfg) -> None:
@@ -89,9 +92,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .interop import import_official
+    from .errors import ConfigError
+    from .interop import import_hf, import_official
 
-    path = import_official(args.weights, args.model, args.out, config=args.config)
+    if os.path.isdir(args.weights):
+        path = import_hf(args.weights, args.out, config=args.config, model_name=args.model)
+    elif args.model is None:
+        raise ConfigError("--model is required for a weights file (a Hugging Face folder's config.json names it)")
+    else:
+        path = import_official(args.weights, args.model, args.out, config=args.config)
     print(f"wrote {path}\n  continue pretraining: maescale pretrain output_dir={args.out} [key=value ...]"
           f"\n  evaluate:             maescale linprobe encoder.ckpt={path} [key=value ...]")
     return 0
@@ -154,6 +163,20 @@ def cmd_write_beton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .data.stats import default_stats_path, format_floats, measure_channel_stats, write_stats_file
+
+    summary = measure_channel_stats(args.data_path, channels=args.channels, split=args.split,
+                                    max_images=args.max_images, num_workers=args.workers)
+    for path, error in summary.skipped:
+        logging.getLogger("maescale").warning("unreadable image %s skipped: %s", path, error)
+    print(f"{summary.images} images of {summary.root}, {args.channels} channels; skipped {len(summary.skipped)} "
+          f"unreadable\ndata.mean={format_floats(summary.mean)} data.std={format_floats(summary.std)}")
+    out = write_stats_file(summary, args.out or default_stats_path(args.data_path))
+    print(f"wrote {out}" + ("" if args.out else f" (data.kind=folder runs on {args.data_path} read it)"))
+    return 0
+
+
 # ---------------------------------------------------------------- parsers, one per command
 
 
@@ -201,16 +224,18 @@ def _add_visualize_parser(sub) -> None:
 def _add_export_parser(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write a checkpoint as one ordinary file",
+        help="write a checkpoint as one ordinary file (or a Hugging Face folder)",
         description="Gather a (possibly sharded) checkpoint into one file with the official MAE key names: "
-        "the full MAE (loadable with load_state_dict(strict=True) into build_model(name)) or the encoder for timm.",
+        "the full MAE (loadable with load_state_dict(strict=True) into build_model(name)) or the encoder for timm; "
+        "or into a Hugging Face ViTMAEForPreTraining folder.",
     )
     p.add_argument("--ckpt", required=True, help="checkpoint folder (output_dir/checkpoints/step_XXXXXXXX)")
-    p.add_argument("--format", choices=["consolidated", "timm", "release"], default="consolidated",
+    p.add_argument("--format", choices=["consolidated", "timm", "release", "hf"], default="consolidated",
                    help="consolidated: full MAE, safetensors; timm: the encoder, safetensors that timm's "
                    "VisionTransformer(num_classes=0) loads strictly; release: full MAE as {'model': state_dict} "
-                   "(.pth), the official layout")
-    p.add_argument("--out", required=True, help="file to write (.safetensors, or .pth for release)")
+                   "(.pth), the official layout; hf: full MAE as a folder (config.json, model.safetensors) that "
+                   "transformers' ViTMAEForPreTraining.from_pretrained loads (transformers is not needed to write it)")
+    p.add_argument("--out", required=True, help="file to write (.safetensors, or .pth for release; a folder for hf)")
     p.add_argument("--config", help="config of the run (default: the run's config.yaml)")
     p.set_defaults(func=cmd_export)
 
@@ -218,12 +243,16 @@ def _add_export_parser(sub) -> None:
 def _add_import_parser(sub) -> None:
     p = sub.add_parser(
         "import",
-        help="turn an official MAE weights file into a maescale run",
-        description="Read {'model': state_dict} (encoder only or encoder + decoder, official key names) and write "
-        "OUT/config.yaml and OUT/checkpoints/step_00000000: pretrain resumes from it, the evaluation commands read it.",
+        help="turn an official MAE weights file or a Hugging Face ViTMAE folder into a maescale run",
+        description="Read {'model': state_dict} (encoder only or encoder + decoder, official key names) or a Hugging "
+        "Face ViTMAEForPreTraining folder (config.json and model.safetensors or pytorch_model.bin, transformers 4.x or "
+        "5.x names) and write OUT/config.yaml and OUT/checkpoints/step_00000000: pretrain resumes from it, the "
+        "evaluation commands read it.",
     )
-    p.add_argument("--weights", required=True, help="official .pth file (or a .safetensors of the same keys)")
-    p.add_argument("--model", required=True, help="named MAE configuration of the weights, e.g. mae_vit_base_patch16")
+    p.add_argument("--weights", required=True,
+                   help="official .pth file (or a .safetensors of the same keys), or a ViTMAEForPreTraining folder")
+    p.add_argument("--model", help="named MAE configuration of a weights file, e.g. mae_vit_base_patch16 "
+                   "(a folder's config.json gives it)")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--config", help="pretraining config the run continues with (default: the built-in defaults)")
     p.set_defaults(func=cmd_import)
@@ -300,6 +329,27 @@ def _add_write_beton_parser(sub) -> None:
     p.set_defaults(func=cmd_write_beton)
 
 
+def _add_stats_parser(sub) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="measure the per-channel mean and std of an image folder (for data.mean / data.std)",
+        description="Stream over the images of a data.kind=folder dataset (pictures, .tif/.tiff, .npy), print the "
+        "per-channel mean and std of their pixels (pictures / 255, unsigned integer files / their type's maximum, "
+        "other files as is) and write them to <data.path>/maescale_stats.yaml, which runs on that folder read when "
+        "data.mean is unset. Unreadable files are reported and skipped.",
+    )
+    p.add_argument("--data.path", dest="data_path", required=True, metavar="ROOT",
+                   help="dataset root, as data.path: <root>/<class>/<file> or <root>/<split>/<class>/<file>")
+    p.add_argument("--channels", type=int, default=3, help="channels of the images (model.in_chans)")
+    p.add_argument("--split", default="train", help="use <root>/<split> when present")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="only this many images, evenly spread over the sorted files (default: all)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes reading files (0: read in this process)")
+    p.add_argument("--out", default=None, help="YAML file to write (default: <data.path>/maescale_stats.yaml)")
+    p.set_defaults(func=cmd_stats)
+
+
 SUBCOMMAND_PARSERS = (
     _add_pretrain_parser,
     _add_visualize_parser,
@@ -308,6 +358,7 @@ SUBCOMMAND_PARSERS = (
     _add_evaluation_parsers,
     _add_bench_parser,
     _add_write_beton_parser,
+    _add_stats_parser,
 )
 
 

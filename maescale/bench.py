@@ -38,7 +38,7 @@ class StepVariant:
     compile: bool = False  # torch.compile the whole model
     compile_blocks: bool = False  # torch.compile each transformer block (as the trainer does under FSDP2)
     fused_adamw: bool = True  # as the trainer (optim.fused); False: torch's default implementation
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False  # True (full) or "selective", as parallel.activation_checkpointing
     mask_tokens_in_encoder: bool = False  # the paper's "w/ [M] in encoder" baseline
     # False times forward + backward only: the per-image work, which is what large batches
     # see once the per-step AdamW cost (same for every variant) is amortised.
@@ -85,8 +85,7 @@ class StepBench:
             parallel.start_process_group_of_one(self.device)
             mesh = parallel.device_mesh(1, self.device.type)
             parallel.shard_fsdp2(self.model, mesh, parallel.FSDP2Options(precision=precision))
-        size = self.model.img_size
-        self.images = torch.randn(batch_size, 3, size, size, device=self.device)
+        self.images = torch.randn(batch_size, self.model.in_chans, *self.model.img_size, device=self.device)
         self._optimizers: dict[bool, torch.optim.Optimizer] = {}
         self._compiled: torch.nn.Module | None = None
 
@@ -144,7 +143,8 @@ class StepBench:
     def flops_per_image(self, variant: StepVariant, include_recompute: bool = False) -> int:
         return mae_train_flops_per_image(
             self.model, mask_tokens_in_encoder=variant.mask_tokens_in_encoder,
-            include_recompute=include_recompute and variant.activation_checkpointing,
+            # Selective checkpointing recomputes no matmul: nothing to add.
+            include_recompute=include_recompute and variant.activation_checkpointing is True,
         )
 
     def device_name(self) -> str:

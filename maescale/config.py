@@ -13,11 +13,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from .errors import ConfigError
+from .sizes import image_hw
 
 
 def opt(default: Any, help: str) -> Any:
@@ -30,7 +31,16 @@ def opt(default: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     name: str = opt("mae_vit_tiny_patch4", "Named MAE configuration, e.g. mae_vit_base_patch16.")
-    img_size: Optional[int] = opt(None, "Input resolution; None keeps the named model's.")
+    img_size: Optional[Union[int, list[int]]] = opt(
+        None,
+        "Input resolution: an int for square images or [height, width], each a multiple of the patch size; None "
+        "keeps the named model's."
+    )
+    in_chans: int = opt(
+        3,
+        "Image channels: 3 for RGB, 1 for grey, any count for multi-channel data (other than 3 needs data.mean and "
+        "data.std, or `maescale stats` run on data.path)."
+    )
     patch_size: Optional[int] = opt(None, "Patch size; None keeps the named model's.")
     mask_ratio: float = opt(0.75, "Fraction of patches removed before the encoder, in (0, 1).")
     norm_pix_loss: bool = opt(True, "Regress per-patch normalised pixels (the paper's best setting).")
@@ -59,6 +69,18 @@ class DataConfig:
     )
     synthetic_size: int = opt(20000, "Number of images of the synthetic dataset.")
     crop_min_scale: float = opt(0.2, "Lower area bound of RandomResizedCrop (paper: 0.2).")
+    mean: Optional[list[float]] = opt(
+        None,
+        "Per-channel mean the images are normalised with, one value per model.in_chans, in the units of the loaded "
+        "pixels (pictures / 255, unsigned integer files / their type's maximum, float files as is); null = for "
+        "kind=folder the mean in <data.path>/maescale_stats.yaml when present (written by `maescale stats`), else "
+        "ImageNet's (0.485, 0.456, 0.406) for 3 channels."
+    )
+    std: Optional[list[float]] = opt(
+        None,
+        "Per-channel standard deviation, like data.mean; null = the std of the same file, else ImageNet's (0.229, "
+        "0.224, 0.225) for 3 channels."
+    )
     ffcv_order: Literal["random", "quasi_random"] = opt(
         "random",
         "kind=ffcv: epoch order; quasi_random shuffles within pages for files larger than RAM (needs "
@@ -113,6 +135,12 @@ class TrainConfig:
         None,
         "Optimizer steps between reconstruction figures; the last step always gets one."
     )
+    figure_channels: Optional[list[int]] = opt(
+        None,
+        "Image channels the reconstruction figures show: three indices are drawn as the red, green and blue of one "
+        "picture, any other count draws each listed channel as a grey row of its own; null = [0, 1, 2] when "
+        "model.in_chans >= 3, else every channel in grey."
+    )
 
 
 @dataclass
@@ -123,9 +151,11 @@ class ParallelConfig:
         "and the rest; deepspeed uses ZeRO (parallel.zero_stage); ddp on one process is plain training."
     )
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters.")
-    activation_checkpointing: bool = opt(
+    activation_checkpointing: Literal[False, True, "selective"] = opt(
         False,
-        "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute)."
+        "true recomputes each transformer block in the backward pass (least memory, ~1/3 more compute); "
+        "selective keeps each block's matmul and attention outputs and recomputes the rest (norms, GELU, adds: "
+        "a few % more compute for part of the saving)."
     )
     replicate_degree: int = opt(
         1,
@@ -324,9 +354,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is Literal:
+        return _coerce_to_first_fit(value, [a for a in args if a is not type(None)], key)
+    if origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    elif origin is Literal:
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
@@ -349,8 +381,26 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce_to_first_fit(value: Any, hints: list[Any], key: str) -> Any:
+    """`value` as the first of `hints` it converts to (e.g. an int, else a list of ints)."""
+    if len(hints) == 1:
+        return _coerce(value, hints[0], key)  # its own message is the most precise
+    for hint in hints:
+        try:
+            return _coerce(value, hint, key)
+        except ConfigError:
+            continue
+    expected = " or ".join(_type_name(hint) for hint in hints)
     raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
 
 
 # ---------------------------------------------------------------- validation
@@ -375,7 +425,26 @@ def check_data(data: DataConfig) -> None:
          "a folder of <split>.beton)"),
         (data.kind != "ffcv" or data.ffcv_order != "quasi_random" or not data.ffcv_os_cache,
          "data.ffcv_order=quasi_random needs data.ffcv_os_cache=false (it orders by pages read into process memory)"),
+        ((data.mean is None) == (data.std is None),
+         "data.mean and data.std go together: set both (one value per image channel each) or neither"),
+        (len(data.mean or ()) == len(data.std or ()),
+         f"data.mean has {len(data.mean or ())} values but data.std {len(data.std or ())}: one per image channel each"),
+        (data.mean is None or len(data.mean) > 0, "data.mean and data.std need one value per image channel"),
+        (all(value > 0 for value in data.std or ()), f"data.std values must be positive, got {data.std}"),
     ])
+
+
+def check_image_size(size: Any, key: str, patch_size: int | None = None) -> None:
+    """`size` (the config value of `key`) is null, an int or [height, width], each side a multiple of
+    `patch_size` when that is known."""
+    if size is None:
+        return
+    try:
+        height, width = image_hw(size, key)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if patch_size is not None and (height % patch_size or width % patch_size):
+        raise ConfigError(f"{key}={size} is not divisible by patch_size={patch_size}")
 
 
 def knn_checks(knn: KnnConfig, section: str) -> list[tuple[bool, str]]:
@@ -426,11 +495,19 @@ def validate(cfg: Config) -> None:
             (cfg.monitor.bank_images > 0, "monitor.bank_images must be positive"),
             (cfg.monitor.val_images > 0, "monitor.val_images must be positive"),
             *knn_checks(cfg.monitor, "monitor"),
+            (cfg.model.in_chans >= 1, "model.in_chans must be >= 1"),
+            *figure_channel_checks(cfg.train.figure_channels, cfg.model.in_chans),
         ]
     )
-    img, patch = cfg.model.img_size, cfg.model.patch_size
-    if img is not None and patch is not None and img % patch:
-        raise ConfigError(f"model.img_size={img} is not divisible by model.patch_size={patch}")
+    check_image_size(cfg.model.img_size, "model.img_size", cfg.model.patch_size)
+
+
+def figure_channel_checks(channels: list[int] | None, in_chans: int) -> list[tuple[bool, str]]:
+    return [
+        (channels is None or len(channels) > 0, "train.figure_channels must name at least one channel, or be null"),
+        (all(0 <= c < in_chans for c in channels or ()),
+         f"train.figure_channels={channels} names channels outside 0..{in_chans - 1} (model.in_chans={in_chans})"),
+    ]
 
 
 def required_extras(cfg: Any) -> list[tuple[str, str, str]]:

@@ -27,7 +27,8 @@ from .metrics import MetricsLogger, Throughput, accelerator_peak_flops, mae_trai
 from .models import build_model
 from .optim import build_optimizer, effective_batch, lr_at, peak_lr, set_lr
 from .parallel import no_gradient_sync
-from .viz import draw_panels, reconstruction_panels
+from .sizes import size_for_config
+from .viz import draw_panels, figure_display, reconstruction_panels
 
 FIGURE_IMAGES = 8
 FINAL_FIGURE = "reconstruction.png"
@@ -231,7 +232,10 @@ class Trainer:
         self.state = TrainState()
         self.metrics = MetricsLogger(self.output_dir, enabled=acc.is_main_process)
         # Every process holds the figure images: a sharded model reconstructs them collectively.
-        self.figure_batch = first_images(cfg.data, img_size=self.img_size, seed=cfg.seed, count=FIGURE_IMAGES)
+        self.figure_batch = first_images(
+            cfg.data, img_size=self.img_size, in_chans=cfg.model.in_chans, seed=cfg.seed, count=FIGURE_IMAGES
+        )
+        self.figure_display = figure_display(cfg.data, cfg.train.figure_channels, cfg.model.in_chans)
         self.skipped: set[str] = set()
         self.nonfinite_skips = 0  # updates skipped in this process's run (train.nonfinite=skip)
         self.peak_flops = accelerator_peak_flops(acc.device, cfg.train.precision)
@@ -245,13 +249,14 @@ class Trainer:
         self.img_size, self.num_patches, self.embed_dim = shape.img_size, shape.num_patches, shape.embed_dim
         self.flops_per_image = mae_train_flops_per_image(shape)
         return build_loader(
-            cfg.data, img_size=self.img_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes
+            cfg.data, img_size=self.img_size, in_chans=cfg.model.in_chans, seed=cfg.seed, rank=acc.process_index,
+            world_size=acc.num_processes,
         )
 
     def _build_model_and_optimizer(self):
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.seed)  # identical initial weights on every process
-        model = parallel.parallelize(model_from_config(self.cfg), cfg, acc)
+        model = parallel.build_model(lambda: model_from_config(cfg), cfg, acc)
         optimizer = build_optimizer(model, cfg, self.schedule.peak_lr)
         model, optimizer = parallel.prepare(model, optimizer, cfg, acc)
         self.strategy = parallel.check_active(model, cfg, acc)
@@ -272,7 +277,7 @@ class Trainer:
                 "steps_per_epoch": s.steps_per_epoch,
                 "total_steps": s.total_steps,
                 "last_step": s.last_step,
-                "img_size": self.img_size,
+                "img_size": size_for_config(self.img_size),
             }
             save_resolved(cfg, self.output_dir / "config.yaml", derived)
         acc.wait_for_everyone()
@@ -292,7 +297,9 @@ class Trainer:
     def save_figure(self, final: bool = False) -> Path | None:
         """All processes reconstruct (a sharded model needs them all); the main one draws."""
         model = parallel.unwrap(self.model, self.accelerator)
-        panels = reconstruction_panels(model, self.figure_batch.to(self.accelerator.device), seed=self.cfg.seed)
+        panels = reconstruction_panels(
+            model, self.figure_batch.to(self.accelerator.device), seed=self.cfg.seed, display=self.figure_display
+        )
         if not self.accelerator.is_main_process:
             return None
         name = FINAL_FIGURE if final else f"figures/step_{self.state.step:08d}.png"

@@ -212,9 +212,10 @@ def test_train_batches_shapes_labels_and_epoch_varying_crops(train_loader, writt
     assert all(not torch.equal(crops[0, i], crops[1, i]) for i in gradients)
     boxes = _gradient_boxes(torch.stack([crops[key] for key in crops if key[1] < GRADIENTS]))
     areas = [w * h for w, h in boxes]
-    # Scale bounds [0.2, 1] and ratio bounds [3/4, 4/3], with slack for JPEG and interpolation
-    # (JPEG moves the ramps' end colours by a few levels: a whole-image crop reads up to ~1.01).
-    assert min(areas) > 0.2 - 0.06 and max(areas) <= 1.0 + 0.03
+    # Scale bounds [0.2, 1] and ratio bounds [3/4, 4/3], with slack for JPEG and interpolation.
+    # FFCV's crops are unseeded, so a whole-image crop turns up in some runs: JPEG moves the ramps'
+    # end colours by up to ~5 levels per axis, and the area (a product of two ranges) reads up to ~1.04.
+    assert min(areas) > 0.2 - 0.06 and max(areas) <= 1.0 + 0.06, areas
     assert all(3 / 4 - 0.1 < w / h < 4 / 3 + 0.1 for w, h in boxes)
     assert max(areas) - min(areas) > 0.2, f"crop areas hardly vary: {areas}"
 

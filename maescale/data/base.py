@@ -22,7 +22,7 @@ from .seeding import eval_selection, mask_noise, rank_share, shuffled_order
 class Batch(NamedTuple):
     """One collated batch as the trainer consumes it."""
 
-    images: torch.Tensor  # [B, 3, H, W] float32, normalised with IMAGENET_MEAN/STD
+    images: torch.Tensor  # [B, C, H, W] float32, normalised per channel (data/stats.py: ImageNet's for RGB)
     labels: torch.Tensor  # [B] int64
     skipped: tuple[str, ...]  # unreadable files replaced in this batch
     seeds: torch.Tensor  # [B] int64, per-sample seeds for the trainer's own draws (masks)

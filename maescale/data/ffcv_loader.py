@@ -19,6 +19,10 @@ What is deterministic, and what is not:
 * FFCV resizes crops with OpenCV area interpolation, the PIL-based kinds with
   antialiased bicubic: pixels differ slightly between kinds for the same box.
 
+Only 3-channel RGB pictures and square crops: FFCV's image field stores RGB JPEGs (or raw RGB
+pixels) and its centre crop is square. Multi-channel or [height, width] data take
+``data.kind=folder``.
+
 Ranks get their share from this order, not from FFCV's ``distributed=True`` (which
 wraps ``DistributedSampler`` and cannot do ``quasi_random``), so ``data.ffcv_order``
 works at any process count.
@@ -33,10 +37,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+from ..sizes import image_hw
 from .base import Batch, PlannedLoader
 from .ffcv_compat import import_ffcv
 from .seeding import Stream, derive_seed, sample_mask_seed
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .stats import IMAGENET_STATS, ChannelStats, channel_stats
 
 # MAE's RandomResizedCrop aspect ratios (width / height), as torchvision's default.
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -63,7 +69,9 @@ def _thread_count(num_workers: int) -> int:
     return max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
 
 
-def _image_pipeline(img_size: int, train: bool, min_scale: float, device: torch.device | None) -> list:
+def _image_pipeline(
+    img_size: int, train: bool, min_scale: float, device: torch.device | None, stats: ChannelStats
+) -> list:
     import_ffcv()
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
@@ -73,7 +81,7 @@ def _image_pipeline(img_size: int, train: bool, min_scale: float, device: torch.
         ops = [RandomResizedCropRGBImageDecoder(size, scale=(min_scale, 1.0), ratio=CROP_RATIO), RandomHorizontalFlip()]
     else:
         ops = [CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_FRACTION)]
-    normalise = NormalizeImage(np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255, np.float32)
+    normalise = NormalizeImage(np.array(stats.mean) * 255, np.array(stats.std) * 255, np.float32)
     if device is None:
         # On CPU numba must normalise the numpy batch before it becomes a tensor.
         return [*ops, normalise, ToTensor(), ToTorchImage()]
@@ -122,11 +130,13 @@ class FFCVEpochLoader(PlannedLoader):
         os_cache: bool = True,
         device: torch.device | None = None,
         eval_subset: int | None = None,
+        stats: ChannelStats = IMAGENET_STATS,
     ) -> None:
         if order not in ("random", "quasi_random"):
             raise ValueError(f"order must be 'random' or 'quasi_random', got {order!r}")
         self.path = str(path)
         self.order = order
+        self.stats = stats
         self._loader = self._build_ffcv_loader(
             img_size, int(batch_size), int(seed), bool(train), min_scale, _thread_count(num_workers), os_cache, device
         )
@@ -154,7 +164,7 @@ class FFCVEpochLoader(PlannedLoader):
             order=OrderOption.SEQUENTIAL,
             seed=derive_seed(seed, Stream.QUASI_RANDOM) % 2**31,
             pipelines={
-                "image": _image_pipeline(img_size, train, min_scale, device),
+                "image": _image_pipeline(img_size, train, min_scale, device, self.stats),
                 "label": [IntDecoder(), ToTensor(), Squeeze(1)],
             },
             # Our order already ends with full batches in train mode; eval keeps the short tail.
@@ -214,15 +224,31 @@ def _cuda_device() -> torch.device | None:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def refuse_unless_rgb_square(img_size: int | list[int], in_chans: int) -> int:
+    """The side of the square crops, or a ConfigError naming the kind that reads such data."""
+    if in_chans != 3:
+        raise ConfigError(
+            f"data.kind=ffcv reads 3-channel RGB images only, but the model takes {in_chans} channels "
+            "(model.in_chans): use data.kind=folder, which reads multi-channel .tif/.tiff and .npy files"
+        )
+    height, width = image_hw(img_size)
+    if height != width:
+        raise ConfigError(
+            f"data.kind=ffcv crops square images only, but the model takes {height} x {width}: use data.kind=folder"
+        )
+    return height
+
+
 def build_ffcv_loader(
-    data_cfg: Any, *, img_size: int, seed: int, rank: int, world_size: int, train: bool, split: str,
-    eval_subset: int | None = None,
+    data_cfg: Any, *, img_size: int | list[int], in_chans: int = 3, seed: int, rank: int, world_size: int,
+    train: bool, split: str, eval_subset: int | None = None,
 ) -> FFCVEpochLoader:
     """The ``data.kind=ffcv`` entry of ``LOADER_BUILDERS`` (``data_cfg`` already checked)."""
+    side = refuse_unless_rgb_square(img_size, in_chans)
     path = beton_path(data_cfg.path, split)
     loader = FFCVEpochLoader(
         path,
-        img_size=img_size,
+        img_size=side,
         batch_size=data_cfg.batch_size,
         seed=seed,
         rank=rank,
@@ -234,6 +260,7 @@ def build_ffcv_loader(
         os_cache=data_cfg.ffcv_os_cache,
         device=_cuda_device(),
         eval_subset=eval_subset,
+        stats=channel_stats(data_cfg, in_chans),
     )
     loader.require_a_full_batch(str(path))
     return loader

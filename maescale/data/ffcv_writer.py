@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
-from .folder import ImageFolderDataset, load_rgb
+from .folder import ImageFolderDataset, is_array_file, load_rgb
 
 WriteMode = Literal["jpg", "raw", "proportion"]
 ResizeSide = Literal["short", "long"]
@@ -97,6 +97,17 @@ def evenly_spaced_subset(count: int, subset: int | None) -> list[int]:
     if subset <= 0:
         raise ValueError(f"subset must be positive, got {subset}")
     return sorted({int(i) for i in np.linspace(0, count - 1, subset).round()})
+
+
+def refuse_array_files(folder: ImageFolderDataset) -> None:
+    """FFCV's image field holds RGB pictures: a folder with multi-channel files is refused, naming the
+    kind that reads them."""
+    arrays = [path for path in folder.paths if is_array_file(path)]
+    if arrays:
+        raise DataError(
+            f"write-beton stores RGB pictures only, but {folder.root} holds {len(arrays)} multi-channel files "
+            f"(.tif/.tiff/.npy, e.g. {arrays[0]}): train on them with data.kind=folder"
+        )
 
 
 def check_readable(path: str) -> str | None:
@@ -230,7 +241,7 @@ def write_beton(
     from .ffcv_compat import import_ffcv
 
     import_ffcv()  # a missing extra is reported here, before any work
-    ImageFolderDataset(src, split=split)  # fail here, with the folder's own message
+    refuse_array_files(ImageFolderDataset(src, split=split))  # fail here, with the folder's own message
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_child_main, args=(queue, str(src), str(out), options, subset, split))

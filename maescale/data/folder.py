@@ -2,7 +2,9 @@
 
 Layout: ``root/<class>/**/<image>`` with class folders sorted into label ids.
 ``root`` may also hold split folders (``root/train/<class>/...``); pass
-``split`` to pick one.
+``split`` to pick one. Pictures (JPEG, PNG, ...) are read as 8-bit RGB;
+multi-channel files (TIFF / GeoTIFF, ``.npy``) as [C, H, W] float32 tensors
+of the configured channel count (data/arrays.py).
 
 A corrupt, truncated or non-image file never crashes a long pretraining run:
 the dataset substitutes the next readable sample and reports the bad path so
@@ -15,12 +17,16 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..errors import DataError, MissingExtraError
+from .arrays import ARRAY_EXTENSIONS, ChannelLayoutError, load_array
 
+# Pictures, decoded by Pillow into RGB.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+FOLDER_EXTENSIONS = IMAGE_EXTENSIONS | ARRAY_EXTENSIONS
 SPLIT_NAMES = ("train", "val")
 EXPECTED_LAYOUT = "root/<class>/<image>.jpg (or root/<split>/<class>/<image>.jpg)"
 
@@ -32,7 +38,7 @@ _WIDE_INTEGER_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 class FolderSample(NamedTuple):
     """One decoded sample and the unreadable paths passed over to find it."""
 
-    image: Image.Image
+    image: Image.Image | torch.Tensor  # RGB picture, or [C, H, W] float32 from a multi-channel file
     label: int
     skipped: tuple[str, ...]
 
@@ -57,7 +63,12 @@ def resolve_root(root: str | os.PathLike, split: str | None = None) -> Path:
 
 
 def _is_image_file(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in FOLDER_EXTENSIONS
+
+
+def is_array_file(path: str) -> bool:
+    """True for the multi-channel files (TIFF, .npy), read by data/arrays.py rather than Pillow."""
+    return os.path.splitext(path)[1].lower() in ARRAY_EXTENSIONS
 
 
 def _list_images(class_dir: Path) -> list[str]:
@@ -94,16 +105,25 @@ def load_rgb(path: str) -> Image.Image:
         return to_rgb(image)
 
 
+def read_image(path: str, channels: int) -> Image.Image | torch.Tensor:
+    """The decoded file at ``path``: an RGB picture, or a [channels, H, W] float32 tensor for a
+    multi-channel file; raises if it is unreadable."""
+    return load_array(path, channels) if is_array_file(path) else load_rgb(path)
+
+
 class ImageFolderDataset(Dataset):
     """Images under ``root/<class>/``; ``dataset[i]`` returns a :class:`FolderSample`.
 
     Unreadable files are replaced by the next readable sample (index + 1,
     + 2, ..., wrapping around), whose label is used; the bad paths are listed
-    in ``FolderSample.skipped``.
+    in ``FolderSample.skipped``. Multi-channel files must have ``channels``
+    channels (a file of another count counts as unreadable); pictures need
+    ``channels=3``.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, split: str | None = None, channels: int = 3) -> None:
         self.root = resolve_root(root, split)
+        self.channels = int(channels)
         self.classes = sorted(
             entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith(".")
         )
@@ -114,10 +134,34 @@ class ImageFolderDataset(Dataset):
             self.paths.extend(images)
             self.labels.extend([label] * len(images))
         if not self.paths:
-            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            extensions = ", ".join(sorted(FOLDER_EXTENSIONS))
             raise DataError(
                 f"no images ({extensions}) found under {self.root}; expected layout {EXPECTED_LAYOUT}"
             )
+        self._refuse_pictures_unless_rgb()
+
+    def _refuse_pictures_unless_rgb(self) -> None:
+        if self.channels == 3:
+            return
+        picture = next((path for path in self.paths if not is_array_file(path)), None)
+        if picture is not None:
+            raise DataError(
+                f"{picture}: pictures (JPEG, PNG, ...) are read as 3-channel RGB, but the model takes {self.channels} "
+                f"channels: store {self.channels}-channel images as .tif/.tiff or .npy files"
+            )
+
+    def check_first_array(self) -> None:
+        """Read the first multi-channel file now, so that a wrong channel count or an ambiguous layout
+        (a mistake about the whole folder) stops the command at once instead of skipping every file."""
+        first = next((path for path in self.paths if is_array_file(path)), None)
+        if first is None:
+            return
+        try:
+            load_array(first, self.channels)
+        except (ChannelLayoutError, MissingExtraError):
+            raise
+        except Exception:  # noqa: BLE001 - a merely corrupt file is skipped, and reported, when the loader reads it
+            return
 
     @property
     def num_classes(self) -> int:
@@ -135,7 +179,7 @@ class ImageFolderDataset(Dataset):
             candidate = (index + offset) % len(self.paths)
             path = self.paths[candidate]
             try:
-                image = load_rgb(path)
+                image = read_image(path, self.channels)
             except Exception as error:  # noqa: BLE001 - decoders raise many types on corrupt input
                 skipped.append(path)
                 errors.append(f"{path}: {type(error).__name__}: {error}")

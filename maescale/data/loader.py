@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from .base import Batch, Loader, PlannedLoader
 from .folder import ImageFolderDataset
 from .seeding import Stream, augment_seed, mask_seed, sample_mask_seed, seeded_generator
+from .stats import channel_stats
 from .synthetic import SyntheticShapes
 from .transforms import EvalTransform, MAETrainTransform
 
@@ -163,31 +164,37 @@ class EpochLoader(PlannedLoader):
 LoaderBuilder = Callable[..., Loader]
 
 
-def _transform(data_cfg: Any, img_size: int, train: bool) -> Callable[..., torch.Tensor]:
+def _transform(
+    data_cfg: Any, img_size: int | Sequence[int], in_chans: int, train: bool
+) -> Callable[..., torch.Tensor]:
+    mean, std = channel_stats(data_cfg, in_chans)
+    # Pictures stay uint8 and saturate by themselves; floats read from files keep whatever range they have.
     if not train:
-        return EvalTransform(img_size)
-    return MAETrainTransform(img_size, scale=(data_cfg.crop_min_scale, 1.0))
+        return EvalTransform(img_size, mean=mean, std=std, clip=False)
+    return MAETrainTransform(img_size, scale=(data_cfg.crop_min_scale, 1.0), mean=mean, std=std, clip=False)
 
 
 def _dataset_loader(data_cfg: Any, dataset: Dataset, source: str, **kwargs: Any) -> EpochLoader:
-    train = kwargs["train"]
+    transform = _transform(data_cfg, kwargs.pop("img_size"), kwargs.pop("in_chans"), kwargs["train"])
     loader = EpochLoader(
-        dataset, _transform(data_cfg, kwargs.pop("img_size"), train), batch_size=data_cfg.batch_size,
-        num_workers=data_cfg.num_workers, **kwargs,
+        dataset, transform, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers, **kwargs,
     )
     loader.require_a_full_batch(source)
     return loader
 
 
-def _build_synthetic(data_cfg: Any, *, split: str, img_size: int, **kwargs: Any) -> EpochLoader:
+def _build_synthetic(data_cfg: Any, *, split: str, img_size: int, in_chans: int, **kwargs: Any) -> EpochLoader:
     dataset_seed = SYNTHETIC_TRAIN_SEED if split == "train" else SYNTHETIC_EVAL_SEED
-    dataset = SyntheticShapes(data_cfg.synthetic_size, img_size, seed=dataset_seed)
-    return _dataset_loader(data_cfg, dataset, f"the synthetic {split} split", img_size=img_size, **kwargs)
+    dataset = SyntheticShapes(data_cfg.synthetic_size, img_size, seed=dataset_seed, channels=in_chans)
+    return _dataset_loader(
+        data_cfg, dataset, f"the synthetic {split} split", img_size=img_size, in_chans=in_chans, **kwargs
+    )
 
 
-def _build_folder(data_cfg: Any, *, split: str, **kwargs: Any) -> EpochLoader:
-    dataset = ImageFolderDataset(data_cfg.path, split=split)
-    return _dataset_loader(data_cfg, dataset, str(dataset.root), **kwargs)
+def _build_folder(data_cfg: Any, *, split: str, in_chans: int, **kwargs: Any) -> EpochLoader:
+    dataset = ImageFolderDataset(data_cfg.path, split=split, channels=in_chans)
+    dataset.check_first_array()
+    return _dataset_loader(data_cfg, dataset, str(dataset.root), in_chans=in_chans, **kwargs)
 
 
 def _build_ffcv(data_cfg: Any, **kwargs: Any) -> Loader:
@@ -197,7 +204,7 @@ def _build_ffcv(data_cfg: Any, **kwargs: Any) -> Loader:
     return build_ffcv_loader(data_cfg, **kwargs)
 
 
-# One builder per data.kind, called as builder(data_cfg, img_size=, seed=, rank=, world_size=,
+# One builder per data.kind, called as builder(data_cfg, img_size=, in_chans=, seed=, rank=, world_size=,
 # train=, split=, eval_subset=) after the config checks; each returns a Loader.
 LOADER_BUILDERS: dict[str, LoaderBuilder] = {
     "synthetic": _build_synthetic,
@@ -209,7 +216,8 @@ LOADER_BUILDERS: dict[str, LoaderBuilder] = {
 def build_loader(
     data_cfg: Any,
     *,
-    img_size: int,
+    img_size: int | Sequence[int],
+    in_chans: int = 3,
     seed: int,
     rank: int = 0,
     world_size: int = 1,
@@ -223,21 +231,25 @@ def build_loader(
     images ("train" or "val", default: "train" when ``train`` else "val"), so that
     un-augmented training images (e.g. for reconstruction figures) are one call away.
     ``eval_subset`` (eval mode only) visits that many evenly spaced images of the split.
+    ``img_size`` (an int or [height, width]) and ``in_chans`` are the model's: batches are
+    [B, in_chans, height, width], normalised with the statistics of data/stats.py.
     """
     builder = LOADER_BUILDERS.get(data_cfg.kind)
     if builder is None:
         raise ConfigError(f"unknown data.kind {data_cfg.kind!r}; known kinds: {', '.join(sorted(LOADER_BUILDERS))}")
     check_data(data_cfg)
     return builder(
-        data_cfg, img_size=img_size, seed=seed, rank=rank, world_size=world_size, train=train,
+        data_cfg, img_size=img_size, in_chans=in_chans, seed=seed, rank=rank, world_size=world_size, train=train,
         split=split or ("train" if train else "val"), eval_subset=eval_subset,
     )
 
 
-def first_images(data_cfg: Any, *, img_size: int, seed: int, count: int, split: str = "train") -> torch.Tensor:
-    """The first ``count`` images of ``split``, un-augmented ([count, 3, H, W], normalised, on the
-    CPU whatever device the kind decodes to): a fixed set to reconstruct in figures."""
+def first_images(
+    data_cfg: Any, *, img_size: int | Sequence[int], seed: int, count: int, split: str = "train", in_chans: int = 3
+) -> torch.Tensor:
+    """The first ``count`` images of ``split``, un-augmented ([count, in_chans, H, W], normalised, on
+    the CPU whatever device the kind decodes to): a fixed set to reconstruct in figures."""
     data_cfg = replace(data_cfg, batch_size=count, num_workers=0)
-    loader = build_loader(data_cfg, img_size=img_size, seed=seed, train=False, split=split)
+    loader = build_loader(data_cfg, img_size=img_size, in_chans=in_chans, seed=seed, train=False, split=split)
     with closing(loader.epoch(0)) as batches:  # frees the kind's workers or threads at once
         return next(batches).images.cpu()

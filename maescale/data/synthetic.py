@@ -3,7 +3,9 @@
 The images are smooth colour gradients with one to three geometric shapes on
 top, so an MAE has real structure to reconstruct (edges, flat regions,
 periodic textures) and a linear probe has a real label to predict. Image ``i``
-is a pure function of ``(seed, i)``; nothing is stored on disk.
+is a pure function of ``(seed, i)``; nothing is stored on disk. Other channel
+counts than RGB repeat R, G, B in turn (channel ``c`` is colour ``c % 3``), so
+that the multi-channel pipeline runs without data files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import Dataset
 
+from ..sizes import image_hw
 from .seeding import seeded_generator
 
 SHAPES = ("disc", "rectangle", "triangle", "ring", "cross")
@@ -37,9 +40,10 @@ Mask = torch.Tensor  # bool [S, S]
 
 
 class SyntheticShapes(Dataset):
-    """``size`` deterministic labelled images on a canvas of about 1.15 * img_size.
+    """``size`` deterministic labelled images on a square canvas of about 1.15 * img_size
+    (its longer side when a pair [height, width]).
 
-    ``dataset[i]`` returns ``(image, label)``: a uint8 [3, S, S] tensor (before
+    ``dataset[i]`` returns ``(image, label)``: a uint8 [channels, S, S] tensor (before
     augmentation) and an int in ``[0, NUM_CLASSES)``. The label is shape type x
     fill of the primary shape, which is the largest one and is drawn last so it
     is never occluded.
@@ -47,14 +51,15 @@ class SyntheticShapes(Dataset):
 
     num_classes = NUM_CLASSES
 
-    def __init__(self, size: int, img_size: int, seed: int = 0) -> None:
+    def __init__(self, size: int, img_size: int | tuple[int, int], seed: int = 0, channels: int = 3) -> None:
         if size <= 0:
             raise ValueError(f"synthetic dataset size must be positive, got {size}")
-        if img_size <= 0:
-            raise ValueError(f"img_size must be positive, got {img_size}")
+        if channels <= 0:
+            raise ValueError(f"channels must be positive, got {channels}")
         self.size = int(size)
-        self.img_size = int(img_size)
+        self.img_size = max(image_hw(img_size))
         self.seed = int(seed)
+        self.channels = int(channels)
         self.canvas_size = max(self.img_size, round(self.img_size * CANVAS_SCALE))
         # Pixel-centre coordinates in [0, 1] as a column and a row: masks are
         # built by broadcasting, so most arithmetic touches S values, not S*S.
@@ -80,6 +85,8 @@ class SyntheticShapes(Dataset):
             canvas, _ = self._draw_shape(canvas, draws, background_colour, DISTRACTOR_RADIUS, DISTRACTOR_CENTRE)
         canvas, label = self._draw_shape(canvas, draws, background_colour, PRIMARY_RADIUS, PRIMARY_CENTRE)
         image = canvas.mul_(255.0).add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
+        if self.channels != 3:
+            image = image[torch.arange(self.channels) % 3]
         return image, label
 
     def _background(self, draws: Iterator[float]) -> tuple[torch.Tensor, list[float]]:

@@ -4,6 +4,9 @@ Every random decision is drawn from a ``torch.Generator`` handed in by the
 caller, never from the global RNG: the loader seeds that generator from
 (seed, epoch, sample index), which is what makes batches identical across
 worker counts and lets a run resume bit-exactly in the middle of an epoch.
+
+Images have any number of channels C, all cropped, flipped and resized together;
+the output size is ``img_size`` (square) or a pair ``(height, width)``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from ..sizes import image_hw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,10 +86,9 @@ def _fallback_center_box(height: int, width: int, ratio: tuple[float, float]) ->
 
 
 def to_image_tensor(img: Image.Image | torch.Tensor) -> torch.Tensor:
-    """Return a [3, H, W] uint8 or float tensor from a PIL image or tensor.
+    """Return a [C, H, W] uint8 or float tensor from a PIL image (as RGB) or tensor.
 
-    Float tensors are expected in [0, 1]; uint8 stays uint8 so the resize can
-    use torchvision's fast uint8 bicubic kernel.
+    uint8 stays uint8 so the resize can use torchvision's fast uint8 bicubic kernel.
     """
     if isinstance(img, Image.Image):
         tensor = F.pil_to_tensor(img.convert("RGB") if img.mode != "RGB" else img)
@@ -92,20 +96,39 @@ def to_image_tensor(img: Image.Image | torch.Tensor) -> torch.Tensor:
         tensor = img
     else:
         raise TypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
-    if tensor.ndim != 3 or tensor.shape[0] != 3:
-        raise ValueError(f"expected an image of shape [3, H, W], got {tuple(tensor.shape)}")
+    if tensor.ndim != 3:
+        raise ValueError(f"expected an image of shape [C, H, W], got {tuple(tensor.shape)}")
     return tensor
 
 
+def _check_statistics(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if len(mean) != len(std) or not mean:
+        raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)}")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _check_channels(image: torch.Tensor, mean: Sequence[float]) -> torch.Tensor:
+    if image.shape[0] != len(mean):
+        raise ValueError(
+            f"an image of {image.shape[0]} channels cannot be normalised with statistics of {len(mean)} channels"
+        )
+    return image
+
+
 def _to_normalised_float(
-    image: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+    image: torch.Tensor, mean: Sequence[float], std: Sequence[float], clip: bool = True
 ) -> torch.Tensor:
-    """Scale to float32 in [0, 1] and normalise channel-wise."""
+    """Scale to float32 (uint8: to [0, 1]) and normalise channel-wise.
+
+    Bicubic overshoots: uint8 saturates at 0 and 255, and ``clip`` does the same for
+    float inputs in [0, 1]; without it floats keep any range (values read from files).
+    """
     if image.dtype == torch.uint8:
         image = F.to_dtype(image, torch.float32, scale=True)
     else:
-        # Bicubic overshoots on float inputs; clamp like the uint8 path does.
-        image = image.to(torch.float32).clamp_(0.0, 1.0)
+        image = image.to(torch.float32)
+        if clip:
+            image = image.clamp_(0.0, 1.0)
     return F.normalize(image, list(mean), list(std))
 
 
@@ -113,78 +136,92 @@ class MAETrainTransform:
     """MAE pretraining augmentation: RandomResizedCrop, horizontal flip, normalise.
 
     Called as ``transform(img, generator)``; the output is a float32
-    [3, img_size, img_size] tensor and depends only on ``img`` and the state of
-    ``generator``.
+    [C, height, width] tensor and depends only on ``img`` and the state of
+    ``generator``. ``ratio`` bounds the crop's aspect ratio relative to the
+    output's (width / height), so a rectangular output is no more stretched than
+    a square one. ``clip``: see ``_to_normalised_float``.
     """
 
     def __init__(
         self,
-        img_size: int,
+        img_size: int | Sequence[int],
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        clip: bool = True,
     ) -> None:
-        if img_size <= 0:
-            raise ValueError(f"img_size must be positive, got {img_size}")
-        self.img_size = int(img_size)
+        self.size = image_hw(img_size)
         self.scale = _check_range("scale", scale)
         self.ratio = _check_range("ratio", ratio)
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+        self.mean, self.std = _check_statistics(mean, std)
+        self.clip = clip
+        output_aspect = self.size[1] / self.size[0]
+        self._box_ratio = (self.ratio[0] * output_aspect, self.ratio[1] * output_aspect)
 
     def __call__(self, img: Image.Image | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        image = to_image_tensor(img)
+        image = _check_channels(to_image_tensor(img), self.mean)
         height, width = image.shape[-2:]
-        box = sample_crop_box(height, width, self.scale, self.ratio, generator)
+        box = sample_crop_box(height, width, self.scale, self._box_ratio, generator)
         image = F.resized_crop(
             image,
             *box,
-            size=[self.img_size, self.img_size],
+            size=list(self.size),
             interpolation=InterpolationMode.BICUBIC,
             antialias=True,
         )
         if torch.rand(1, generator=generator).item() < 0.5:
             image = F.horizontal_flip(image)
-        return _to_normalised_float(image, self.mean, self.std)
+        return _to_normalised_float(image, self.mean, self.std, self.clip)
 
     def __repr__(self) -> str:
-        return f"MAETrainTransform(img_size={self.img_size}, scale={self.scale}, ratio={self.ratio})"
+        return f"MAETrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+def cover_size(height: int, width: int, target: tuple[int, int]) -> list[int]:
+    """[h, w] of the aspect-preserving resize of a height x width image that just covers ``target``
+    (a centre crop of ``target`` then fits); for a square target, torchvision's short-side rule."""
+    target_h, target_w = target
+    if target_h * width >= target_w * height:  # the height needs the larger scale factor
+        return [target_h, max(target_w, int(target_h * width / height))]
+    return [max(target_h, int(target_w * height / width)), target_w]
 
 
 class EvalTransform:
-    """Deterministic eval transform: resize short side to img_size / crop_pct, centre crop.
+    """Deterministic eval transform: resize to cover size / crop_pct, centre crop to size.
 
+    For a square size that is the usual rule (short side to img_size / crop_pct).
     Accepts (and ignores) a generator so the loader can call every transform
     the same way.
     """
 
     def __init__(
         self,
-        img_size: int,
+        img_size: int | Sequence[int],
         crop_pct: float = 0.875,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        clip: bool = True,
     ) -> None:
-        if img_size <= 0:
-            raise ValueError(f"img_size must be positive, got {img_size}")
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        self.img_size = int(img_size)
+        self.size = image_hw(img_size)
         self.crop_pct = float(crop_pct)
-        self.resize_size = int(math.floor(img_size / crop_pct))
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+        self.resize_size = tuple(int(math.floor(side / crop_pct)) for side in self.size)
+        self.mean, self.std = _check_statistics(mean, std)
+        self.clip = clip
 
     def __call__(
         self, img: Image.Image | torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        image = to_image_tensor(img)
+        image = _check_channels(to_image_tensor(img), self.mean)
+        height, width = image.shape[-2:]
         image = F.resize(
-            image, [self.resize_size], interpolation=InterpolationMode.BICUBIC, antialias=True
+            image, cover_size(height, width, self.resize_size), interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
         )
-        image = F.center_crop(image, [self.img_size, self.img_size])
-        return _to_normalised_float(image, self.mean, self.std)
+        image = F.center_crop(image, list(self.size))
+        return _to_normalised_float(image, self.mean, self.std, self.clip)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(img_size={self.img_size}, crop_pct={self.crop_pct})"
+        return f"EvalTransform(size={self.size}, crop_pct={self.crop_pct})"

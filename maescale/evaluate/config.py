@@ -8,9 +8,19 @@ unknown key or a wrong type fails with the key's name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
-from ..config import DataConfig, KnnConfig, Pool, check_data, knn_checks, opt, pool_option, raise_first_failure
+from ..config import (
+    DataConfig,
+    KnnConfig,
+    Pool,
+    check_data,
+    check_image_size,
+    knn_checks,
+    opt,
+    pool_option,
+    raise_first_failure,
+)
 
 
 @dataclass
@@ -27,6 +37,11 @@ class EncoderConfig:
         "(needed for files and random init).",
     )
     pool: Pool = pool_option()
+    img_size: Optional[Union[int, list[int]]] = opt(
+        None,
+        "Resolution the encoder runs at: an int or [height, width], multiples of its patch size; the fixed sin-cos "
+        "position table is recomputed for the new patch grid. null keeps the checkpoint's (its run's model.img_size).",
+    )
 
 
 @dataclass
@@ -49,9 +64,10 @@ class LinprobeConfig:
 
 @dataclass
 class FinetuneConfig:
-    img_size: Optional[int] = opt(
+    img_size: Optional[Union[int, list[int]]] = opt(
         None,
-        "Fine-tuning resolution; the position embeddings are interpolated. None keeps the encoder's."
+        "Fine-tuning resolution, an int or [height, width]; the position embedding starts from the sin-cos table "
+        "of the new patch grid. None keeps the encoder's."
     )
     blr: float = opt(
         5e-4,
@@ -92,6 +108,8 @@ class EvalConfig:
         """Reject impossible values with the key's name, before any work starts."""
         lp, ft = self.linprobe, self.finetune
         check_data(self.data)
+        check_image_size(self.encoder.img_size, "encoder.img_size")
+        check_image_size(ft.img_size, "finetune.img_size")
         raise_first_failure(
             [
                 (

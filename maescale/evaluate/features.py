@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import parallel
 from ..checkpoint import load_model_weights
-from ..config import ConfigError, load_config
+from ..config import ConfigError, check_image_size, load_config
 from ..data import Loader, build_loader
 from ..interop import load_weights_file, run_config_of
 from ..models import MaskedAutoencoderViT, build_model
@@ -30,7 +30,12 @@ from .config import EncoderConfig, EvalConfig
 
 
 def load_encoder(cfg: EncoderConfig, seed: int) -> MaskedAutoencoderViT:
-    """The MAE whose encoder is evaluated, in eval mode, from `encoder.ckpt` or at random init."""
+    """The MAE whose encoder is evaluated, in eval mode, from `encoder.ckpt` or at random init, taking
+    images of `encoder.img_size` (default: the size it was built for)."""
+    return at_img_size(_load_weights(cfg, seed), cfg.img_size, "encoder.img_size")
+
+
+def _load_weights(cfg: EncoderConfig, seed: int) -> MaskedAutoencoderViT:
     if cfg.ckpt is None:
         set_seed(seed)  # the random baseline is the model's own initialisation, reproducibly
         return build_model(cfg.model).eval()
@@ -40,6 +45,18 @@ def load_encoder(cfg: EncoderConfig, seed: int) -> MaskedAutoencoderViT:
     if not path.is_dir():
         raise FileNotFoundError(f"encoder.ckpt={cfg.ckpt!r}: no such checkpoint folder or weights file")
     return load_model_weights(_model_of_run(path, cfg.model), path).eval()
+
+
+def at_img_size(model: MaskedAutoencoderViT, img_size, key: str) -> MaskedAutoencoderViT:
+    """`model` taking images of `img_size` (null: as it is), its position tables recomputed for the new
+    grid; a size its patches do not tile is the error of config key `key`."""
+    if img_size is not None:
+        check_image_size(img_size, key, model.patch_size)
+        try:
+            model.set_img_size(img_size)
+        except ValueError as error:  # e.g. a grid too small to keep a patch at the model's mask ratio
+            raise ConfigError(f"{key}: {error}") from None
+    return model
 
 
 def _model_of_run(ckpt: Path, name: str | None) -> MaskedAutoencoderViT:
@@ -66,10 +83,10 @@ def encode(model: torch.nn.Module, images: Tensor, pool: str) -> Tensor:
     return pooled(model(images, features_only=True), pool).float()
 
 
-def eval_loader(cfg: EvalConfig, img_size: int, split: str, accelerator: Accelerator) -> Loader:
-    """Center-crop loader over `split`, this process's share, dataset order."""
+def eval_loader(cfg: EvalConfig, model: MaskedAutoencoderViT, split: str, accelerator: Accelerator) -> Loader:
+    """Center-crop loader over `split` of the images `model` takes, this process's share, dataset order."""
     return build_loader(
-        cfg.data, img_size=img_size, seed=cfg.seed, rank=accelerator.process_index,
+        cfg.data, img_size=model.img_size, in_chans=model.in_chans, seed=cfg.seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, train=False, split=split,
     )
 

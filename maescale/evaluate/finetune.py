@@ -2,7 +2,7 @@
 
 The pretrained encoder becomes a ViT classifier with global average pooling and fc_norm (the
 final norm moves after the pooling, as in the paper), stochastic depth, a fresh head, and
-position embeddings interpolated to `finetune.img_size`. AdamW with layer-wise lr decay
+the sin-cos position table of the `finetune.img_size` grid. AdamW with layer-wise lr decay
 (timm's `param_groups_layer_decay`), mixup / cutmix with label smoothing (timm's `Mixup` and
 `SoftTargetCrossEntropy`), lr = blr * global batch / 256, linear warmup then half-cosine.
 The model is replicated with DDP through the pretraining seam (`parallel.prepare`).
@@ -22,18 +22,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from timm.data import Mixup
-from timm.layers import resample_abs_pos_embed
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import parallel
-from ..config import Config
+from ..config import Config, check_image_size
 from ..data import Stream, build_loader, derive_seed
 from ..interop import METADATA_FORMAT, METADATA_TIMM_KWARGS, build_timm_vit, save_safetensors, timm_kwargs
-from ..models import MaskedAutoencoderViT
+from ..models import MaskedAutoencoderViT, get_2d_sincos_pos_embed
 from ..optim import lr_at, scaled_lr, set_lr
+from ..sizes import image_hw, size_for_config
 from .accuracy import as_percentages, topk_hits
 from .config import EvalConfig
 from .features import load_encoder
@@ -46,16 +46,20 @@ DROPPED_KEYS = frozenset({"norm.weight", "norm.bias"})
 
 
 def classifier_from_mae(
-    mae: MaskedAutoencoderViT, classes: int, img_size: int | None = None, drop_path: float = 0.0
+    mae: MaskedAutoencoderViT, classes: int, img_size: int | tuple[int, int] | None = None, drop_path: float = 0.0
 ) -> nn.Module:
-    """timm ViT (global pool + fc_norm) holding `mae`'s encoder, at `img_size` (default: the MAE's)."""
+    """timm ViT (global pool + fc_norm) holding `mae`'s encoder, at `img_size` (an int or (height, width);
+    default: the MAE's)."""
     kwargs = timm_kwargs(mae)
-    kwargs["img_size"] = img_size or mae.img_size
+    if img_size is not None:
+        kwargs["img_size"] = size_for_config(image_hw(img_size))
     model = build_timm_vit(kwargs, num_classes=classes, global_pool="avg", fc_norm=True, drop_path_rate=drop_path)
     state = {k: v for k, v in mae.encoder_state_dict().items() if k not in DROPPED_KEYS}
-    grid = model.patch_embed.grid_size
-    if tuple(state["pos_embed"].shape[1:]) != tuple(model.pos_embed.shape[1:]):
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(grid), num_prefix_tokens=1)
+    if tuple(state["pos_embed"].shape) != tuple(model.pos_embed.shape):
+        # MAE's table is the fixed sin-cos function of the patch grid: fine-tuning starts from the one of
+        # the new grid (then learns it, as the classifier's position embedding is trainable).
+        grid = model.patch_embed.grid_size
+        state["pos_embed"] = get_2d_sincos_pos_embed(mae.embed_dim, grid, cls_token=True).unsqueeze(0)
     result = model.load_state_dict(state, strict=False)
     if set(result.missing_keys) != NEW_KEYS or result.unexpected_keys:
         raise ValueError(
@@ -89,15 +93,18 @@ class Finetuner:
         self.run = EvalRun(cfg, "finetune")
         acc = self.run.accelerator
         mae = load_encoder(cfg.encoder, cfg.seed)
-        self.img_size = ft.img_size or mae.img_size
-        self.loader = build_loader(cfg.data, img_size=self.img_size, seed=cfg.seed, rank=acc.process_index,
-                                   world_size=acc.num_processes, train=True, split=cfg.train_split)
-        self.val_loader = build_loader(cfg.data, img_size=self.img_size, seed=cfg.seed, rank=acc.process_index,
-                                       world_size=acc.num_processes, train=False, split=cfg.val_split)
+        check_image_size(ft.img_size, "finetune.img_size", mae.patch_size)
+        self.img_size = mae.img_size if ft.img_size is None else image_hw(ft.img_size)
+        self.loader = build_loader(cfg.data, img_size=self.img_size, in_chans=mae.in_chans, seed=cfg.seed,
+                                   rank=acc.process_index, world_size=acc.num_processes, train=True,
+                                   split=cfg.train_split)
+        self.val_loader = build_loader(cfg.data, img_size=self.img_size, in_chans=mae.in_chans, seed=cfg.seed,
+                                       rank=acc.process_index, world_size=acc.num_processes, train=False,
+                                       split=cfg.val_split)
         self.classes = max(self.loader.num_classes, self.val_loader.num_classes)
         set_seed(cfg.seed)  # identical head and drop-path streams on every process
         model = classifier_from_mae(mae, self.classes, self.img_size, ft.drop_path).to(acc.device)
-        self.timm_kwargs = {**timm_kwargs(mae), "img_size": self.img_size, "num_classes": self.classes,
+        self.timm_kwargs = {**timm_kwargs(mae), "img_size": size_for_config(self.img_size), "num_classes": self.classes,
                             "global_pool": "avg", "fc_norm": True}
         self.global_batch = cfg.data.batch_size * acc.num_processes
         self.peak_lr = scaled_lr(ft.blr, self.global_batch, ft.lr)
@@ -158,11 +165,12 @@ class Finetuner:
                 "world_size": run.world_size,
                 "steps_per_epoch": self.steps_per_epoch,
                 "last_step": self.last_step,
-                "img_size": self.img_size,
+                "img_size": size_for_config(self.img_size),
             }
         )
         run.print(
-            f"finetune: {self.last_step} steps of {self.global_batch} at {self.img_size} px, lr {self.peak_lr:.3g} "
+            f"finetune: {self.last_step} steps of {self.global_batch} at {self.img_size[0]}x{self.img_size[1]} px, "
+            f"lr {self.peak_lr:.3g} "
             f"(blr {ft.blr:.3g} x {self.global_batch}/256), layer decay {ft.layer_decay}, {run.world_size} process(es)"
         )
         self.model.train()

@@ -41,7 +41,7 @@ def knn(cfg) -> dict:
     run = EvalRun(cfg, "knn")
     model = load_encoder(cfg.encoder, cfg.seed).to(run.accelerator.device)
     loaders = {
-        split: eval_loader(cfg, model.img_size, split, run.accelerator) for split in (cfg.train_split, cfg.val_split)
+        split: eval_loader(cfg, model, split, run.accelerator) for split in (cfg.train_split, cfg.val_split)
     }
     bank = split_features(model, cfg, cfg.train_split, loaders[cfg.train_split], run)
     val = split_features(model, cfg, cfg.val_split, loaders[cfg.val_split], run)

@@ -95,7 +95,7 @@ def linprobe(cfg: EvalConfig) -> dict:
     run = EvalRun(cfg, "linprobe")
     model = load_encoder(cfg.encoder, cfg.seed).to(run.accelerator.device)
     # Both loaders first: a bad split or a head batch larger than the split fails before any encoding.
-    val_loader = eval_loader(cfg, model.img_size, cfg.val_split, run.accelerator)
+    val_loader = eval_loader(cfg, model, cfg.val_split, run.accelerator)
     train_loader = train_images(cfg, model, run)
     check_head_batch(cfg.linprobe.batch_size, train_loader.num_samples)
     val = split_features(model, cfg, cfg.val_split, val_loader, run)
@@ -153,13 +153,13 @@ def train_images(cfg: EvalConfig, model, run: EvalRun) -> Loader:
     """The training split: augmented crops, this process's slice of each global head batch, or
     (linprobe.augment=false) center crops to extract once."""
     if not cfg.linprobe.augment:
-        return eval_loader(cfg, model.img_size, cfg.train_split, run.accelerator)
+        return eval_loader(cfg, model, cfg.train_split, run.accelerator)
     batch_size, world = cfg.linprobe.batch_size, run.world_size
     if batch_size % world:
         raise ConfigError(f"linprobe.batch_size={batch_size} is not divisible by the {world} processes")
     data = replace(cfg.data, batch_size=batch_size // world)
     try:
-        return build_loader(data, img_size=model.img_size, seed=cfg.seed, rank=run.accelerator.process_index,
-                            world_size=world, train=True, split=cfg.train_split)
+        return build_loader(data, img_size=model.img_size, in_chans=model.in_chans, seed=cfg.seed,
+                            rank=run.accelerator.process_index, world_size=world, train=True, split=cfg.train_split)
     except DataError as error:  # its data.batch_size is the head batch here
         raise DataError(f"linprobe.batch_size={batch_size} (linprobe.augment=true): {error}") from None

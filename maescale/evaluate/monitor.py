@@ -29,7 +29,8 @@ class KnnMonitor:
     def _loader(self, cfg: Config, img_size: int, split: str, images: int):
         acc = self.accelerator
         return build_loader(
-            cfg.data, img_size=img_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
+            cfg.data, img_size=img_size, in_chans=cfg.model.in_chans, seed=cfg.seed, rank=acc.process_index,
+            world_size=acc.num_processes,
             train=False, split=split, eval_subset=images,
         )
 

@@ -12,6 +12,7 @@ encoder width, ``Dd`` decoder width.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 from functools import partial
 from typing import Any
@@ -20,15 +21,18 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
+from ..sizes import image_hw
 from .pos_embed import get_2d_sincos_pos_embed
 
 __all__ = [
     "DECODER_KEY_PREFIXES",
     "MODEL_SPECS",
     "OVERRIDABLE_KEYS",
+    "POSITION_TABLE_KEYS",
     "MaskedAutoencoderViT",
     "build_model",
     "is_encoder_key",
@@ -75,6 +79,35 @@ MODEL_SPECS: dict[str, dict[str, Any]] = {
         img_size=224, patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11,
         **_PAPER_DECODER,
     ),
+    # Web-SSL scaling family (Fan et al. 2025, "Scaling Language-Free Visual Representation
+    # Learning", arXiv 2504.01017, Table 1): patch 14 at 224 px, MLP 4x width. The papers
+    # publish no decoder for these MAEs, so they keep MAE's 512-d, 8-block decoder.
+    "mae_vit_1b_patch14": dict(
+        img_size=224, patch_size=14, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4.0,
+        **_PAPER_DECODER,
+    ),
+    "mae_vit_2b_patch14": dict(
+        img_size=224, patch_size=14, embed_dim=2688, depth=24, num_heads=21, mlp_ratio=4.0,
+        **_PAPER_DECODER,
+    ),
+    "mae_vit_3b_patch14": dict(
+        img_size=224, patch_size=14, embed_dim=3072, depth=26, num_heads=24, mlp_ratio=4.0,
+        **_PAPER_DECODER,
+    ),
+    "mae_vit_5b_patch14": dict(
+        img_size=224, patch_size=14, embed_dim=3584, depth=32, num_heads=28, mlp_ratio=4.0,
+        **_PAPER_DECODER,
+    ),
+    # Also MAWS' 6.5B (Singh et al. 2023, arXiv 2303.13496, Table 1): the same 4096 / 32 / 32 shape.
+    "mae_vit_7b_patch14": dict(
+        img_size=224, patch_size=14, embed_dim=4096, depth=32, num_heads=32, mlp_ratio=4.0,
+        **_PAPER_DECODER,
+    ),
+    # MAWS' ViT-2B (Singh et al. 2023, Table 1): 2560 / 24 blocks / 32 heads, MLP 10240.
+    "mae_vit_maws_2b_patch14": dict(
+        img_size=224, patch_size=14, embed_dim=2560, depth=24, num_heads=32, mlp_ratio=4.0,
+        **_PAPER_DECODER,
+    ),
 }
 
 # Keys of MODEL_SPECS entries that build_model lets the user change.
@@ -87,6 +120,10 @@ OVERRIDABLE_KEYS = frozenset({
 # A state-dict key belongs to the decoder iff one of its dotted parts starts with one
 # of these; everything else is the encoder that timm's VisionTransformer can load.
 DECODER_KEY_PREFIXES: tuple[str, ...] = ("decoder_", "mask_token")
+
+
+# The frozen sin-cos position tables: functions of the patch grid, nothing learned.
+POSITION_TABLE_KEYS: tuple[str, ...] = ("pos_embed", "decoder_pos_embed")
 
 
 def is_encoder_key(key: str) -> bool:
@@ -142,25 +179,34 @@ def patchify(imgs: Tensor, patch_size: int) -> Tensor:
     return x.reshape(n, h * w, p * p * c)
 
 
-def unpatchify(patches: Tensor, patch_size: int, in_chans: int = 3) -> Tensor:
-    """Exact inverse of :func:`patchify` for a square patch grid.
+def unpatchify(
+    patches: Tensor, patch_size: int, in_chans: int = 3, grid_size: int | tuple[int, int] | None = None
+) -> Tensor:
+    """Exact inverse of :func:`patchify`.
 
     Args:
-        patches: ``[N, L, p * p * C]`` with ``L`` a perfect square.
+        patches: ``[N, L, p * p * C]``.
+        grid_size: the patch grid ``(h, w)`` with ``h * w = L`` (an int for a square one);
+            ``None`` takes a square grid, so a rectangular one must be given.
 
     Returns:
-        ``[N, C, H, W]`` with ``H = W = sqrt(L) * p``.
+        ``[N, C, h * p, w * p]``.
     """
     n, num_patches, patch_dim = patches.shape
     p, c = patch_size, in_chans
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(f"unpatchify needs a square patch grid, got {num_patches} patches")
+    if grid_size is None:
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(f"{num_patches} patches are no square grid: pass grid_size=(h, w)")
+        grid_size = side
+    h, w = image_hw(grid_size, "grid_size")
+    if h * w != num_patches:
+        raise ValueError(f"grid_size={grid_size} holds {h * w} patches, got {num_patches}")
     if patch_dim != p * p * c:
         raise ValueError(f"patch vectors have {patch_dim} values, expected p*p*C = {p * p * c}")
-    x = patches.reshape(n, side, side, p, p, c)
+    x = patches.reshape(n, h, w, p, p, c)
     x = x.permute(0, 5, 1, 3, 2, 4)  # [N, C, h, p, w, p]
-    return x.reshape(n, c, side * p, side * p)
+    return x.reshape(n, c, h * p, w * p)
 
 
 def random_masking(
@@ -237,18 +283,18 @@ class MaskedAutoencoderViT(nn.Module):
         super().__init__()
         _validate_sizes(img_size, patch_size, in_chans, mask_ratio,
                         embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads)
-        self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
-        self.grid_size = img_size // patch_size
-        self.num_patches = self.grid_size**2
+        self._set_grid(img_size)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        # Recompute each block in the backward pass instead of storing its activations
-        # (set by the parallel layer; see maescale/parallel.py).
-        self.activation_checkpointing = False
+        # False, True (recompute each block in the backward pass instead of storing its
+        # activations) or "selective" (store the matmul and attention outputs, recompute the
+        # rest); set by the parallel layer, see maescale/parallel.py.
+        self.activation_checkpointing: bool | str = False
         self.mask_tokens_in_encoder = mask_tokens_in_encoder
+        self.init_seed = _draw_init_seed()
         self._build_encoder(embed_dim, depth, num_heads, mlp_ratio)
         self._build_decoder(embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_mlp_ratio)
         self.init_weights()
@@ -278,44 +324,62 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ----------------------------------------------------------------------- init
 
-    # Init lives in its own method (not only in __init__) because sharded training
-    # builds the model on the meta device, shards it, materialises it with
-    # to_empty(), and only then calls init_weights() on the real (possibly DTensor)
-    # parameters. Hence: no numpy, no .item(), nothing that reads tensor values.
+    # Init lives in its own method because sharded training builds the model on the meta
+    # device, shards it, materialises only the local shards (to_empty) and fills them
+    # afterwards. Every parameter draws from its own random stream, seeded by (init_seed,
+    # parameter name), so its value does not depend on how the model is cut or in which
+    # order the pieces are filled: a sharded build holds, shard by shard, exactly what a
+    # single-process build with the same seed holds.
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initialise every parameter in place, as the reference MAE does."""
-        _copy_full_(self.pos_embed, self._sincos_table(self.pos_embed))
-        _copy_full_(self.decoder_pos_embed, self._sincos_table(self.decoder_pos_embed))
-        self._init_patch_embed()
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-        if self.mask_tokens_in_encoder:
-            nn.init.normal_(self.encoder_mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        """(Re)initialise every parameter in place with the reference MAE's distributions, from
+        the streams of :meth:`initial_value`.
 
-    def _sincos_table(self, param: Tensor) -> Tensor:
-        """``[1, 1 + L, width]`` sin-cos table matching ``param`` (built on its device)."""
-        table = get_2d_sincos_pos_embed(param.shape[-1], self.grid_size, cls_token=True,
-                                        device=param.device, dtype=param.dtype)
-        return table.unsqueeze(0)
+        Parameters still on the meta device, or partitioned away by DeepSpeed ZeRO-3 (filled by
+        ``maescale.parallel`` one gathered parameter at a time), are left for later.
+        """
+        for name, param in self.named_parameters():
+            if param.is_meta or hasattr(param, "ds_id"):
+                continue
+            if _is_plain_cpu_fp32(param):
+                self._fill_initial(name, param)  # in place: no second full-size copy
+            else:
+                _copy_full_(param, self.initial_value(name))
 
-    def _init_patch_embed(self) -> None:
-        proj = self.patch_embed.proj
-        # Treat the conv as a Linear over flattened patches, like the reference.
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        # The reference keeps Conv2d's default bias init; restate it explicitly since
-        # a meta-built model never ran the default initialiser.
-        fan_in = proj.weight[0].numel()
-        bound = 1.0 / math.sqrt(fan_in)
-        nn.init.uniform_(proj.bias, -bound, bound)
+    @torch.no_grad()
+    def initial_value(self, name: str) -> Tensor:
+        """The initial value of parameter ``name``, whole, float32, on the CPU: a pure function
+        of ``(self.init_seed, name)``."""
+        param = self.get_parameter(name)
+        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 parameter keeps its shape aside
+        return self._fill_initial(name, torch.empty(shape, dtype=torch.float32, device="cpu"))
+
+    def _fill_initial(self, name: str, out: Tensor) -> Tensor:
+        """Write parameter ``name``'s initial value into ``out`` (its full shape) and return it."""
+        generator = torch.Generator().manual_seed(_stream_seed(self.init_seed, name))
+        owner, _, leaf = name.rpartition(".")
+        module = self.get_submodule(owner)
+        if leaf in ("pos_embed", "decoder_pos_embed"):  # frozen sin-cos tables, no randomness
+            out.copy_(get_2d_sincos_pos_embed(out.shape[-1], self.grid_size, cls_token=True).unsqueeze(0))
+        elif leaf in ("cls_token", "mask_token", "encoder_mask_token"):
+            nn.init.normal_(out, std=0.02, generator=generator)
+        elif owner == "patch_embed.proj" and leaf == "weight":
+            # The conv as a Linear over flattened patches, like the reference.
+            nn.init.xavier_uniform_(out.view(out.shape[0], -1), generator=generator)
+        elif owner == "patch_embed.proj":
+            # The reference keeps Conv2d's default bias init, U(+-1/sqrt(fan_in)); restated,
+            # since a meta-built model never ran the default initialiser.
+            bound = 1.0 / math.sqrt(self.in_chans * self.patch_size**2)
+            nn.init.uniform_(out, -bound, bound, generator=generator)
+        elif isinstance(module, nn.Linear) and leaf == "weight":
+            nn.init.xavier_uniform_(out, generator=generator)
+        elif isinstance(module, nn.LayerNorm) and leaf == "weight":
+            out.fill_(1.0)
+        elif isinstance(module, (nn.Linear, nn.LayerNorm)) and leaf == "bias":
+            out.zero_()
+        else:
+            raise KeyError(f"no initialisation rule for parameter {name!r}")
+        return out
 
     # ----------------------------------------------------------------------- patches
 
@@ -325,9 +389,35 @@ class MaskedAutoencoderViT(nn.Module):
 
     def unpatchify(self, patches: Tensor) -> Tensor:
         """``[N, L, p*p*C]`` -> ``[N, C, H, W]``; exact inverse of :meth:`patchify`."""
-        return unpatchify(patches, self.patch_size, self.in_chans)
+        return unpatchify(patches, self.patch_size, self.in_chans, self.grid_size)
 
     random_masking = staticmethod(random_masking)
+
+    # ----------------------------------------------------------------------- input size
+
+    def _set_grid(self, img_size: int | tuple[int, int]) -> None:
+        """``img_size`` and ``grid_size`` as ``(height, width)`` pairs, and ``num_patches``."""
+        self.img_size = image_hw(img_size)
+        self.grid_size = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    @torch.no_grad()
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        """Take images of another size from now on (evaluation or fine-tuning at another resolution).
+
+        The learned weights do not depend on the grid; the position tables do, and since they
+        are fixed sin-cos functions of it (not learned), they are recomputed for the new grid:
+        the model then equals one built at ``img_size`` holding the same learned weights.
+        Call it on an unsharded model, before any parallel wrapper.
+        """
+        _validate_grid(img_size, self.patch_size, self.mask_ratio)
+        self._set_grid(img_size)
+        self.patch_embed.set_input_size(img_size=self.img_size)
+        for name in POSITION_TABLE_KEYS:
+            old = getattr(self, name)
+            table = get_2d_sincos_pos_embed(old.shape[-1], self.grid_size, cls_token=True,
+                                            device=old.device, dtype=old.dtype)
+            setattr(self, name, nn.Parameter(table.unsqueeze(0), requires_grad=False))
 
     # ----------------------------------------------------------------------- encoder
 
@@ -347,9 +437,11 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(tokens)
 
     def _run_block(self, block: nn.Module, tokens: Tensor) -> Tensor:
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, tokens, use_reentrant=False)
-        return block(tokens)
+        if not self.activation_checkpointing or not torch.is_grad_enabled():
+            return block(tokens)
+        if self.activation_checkpointing == "selective":
+            return checkpoint(block, tokens, use_reentrant=False, context_fn=_keep_matmuls_and_attention)
+        return checkpoint(block, tokens, use_reentrant=False)
 
     def forward_encoder(
         self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None
@@ -485,39 +577,82 @@ def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
 # --------------------------------------------------------------------------- helpers
 
 
+# What selective activation checkpointing keeps of a block: the outputs of its matmuls and of
+# attention, the ops whose recomputation costs (nearly all of a block's FLOPs). The norms,
+# GELU, residual adds and reshapes are recomputed: cheap in FLOPs, and together they hold
+# about half of a block's activations (docs/BENCHMARKS.md, "Activation checkpointing").
+_KEPT_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _keep_matmuls_and_attention():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def _draw_init_seed() -> int:
+    """The seed of a new model's per-parameter init streams, drawn from torch's global CPU
+    generator: ``torch.manual_seed`` decides the weights, as it does for any torch model."""
+    return int(torch.randint(0, 2**62, (), device="cpu"))
+
+
+def _stream_seed(init_seed: int, name: str) -> int:
+    """A 63-bit seed for one parameter's stream, the same in every process and Python run."""
+    digest = hashlib.blake2b(f"{init_seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _is_plain_cpu_fp32(param: Tensor) -> bool:
+    return not isinstance(param, DTensor) and param.device.type == "cpu" and param.dtype == torch.float32
+
+
 def _copy_full_(param: Tensor, full: Tensor) -> None:
     """Copy a full-size tensor into ``param``, which may be an FSDP2-sharded DTensor."""
-    if not torch.distributed.is_available():  # some builds ship without distributed
-        param.copy_(full)
-        return
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     if isinstance(param, DTensor):
-        # Every rank computes the same table, so each can slice its own shard:
+        from torch.distributed.tensor import distribute_tensor
+
+        # Every rank computes the same value, so each can slice its own shard:
         # src_data_rank=None skips the broadcast.
         full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
     param.copy_(full)
 
 
 def _validate_sizes(
-    img_size: int, patch_size: int, in_chans: int, mask_ratio: float,
+    img_size: int | tuple[int, int], patch_size: int, in_chans: int, mask_ratio: float,
     embed_dim: int, depth: int, num_heads: int,
     decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int,
 ) -> None:
-    for name, value in [("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans),
+    for name, value in [("patch_size", patch_size), ("in_chans", in_chans),
                         ("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads),
                         ("decoder_embed_dim", decoder_embed_dim), ("decoder_depth", decoder_depth),
                         ("decoder_num_heads", decoder_num_heads)]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if img_size % patch_size != 0:
-        raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
     if not 0 < mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in the open interval (0, 1), got {mask_ratio}")
-    if int((img_size // patch_size) ** 2 * (1 - mask_ratio)) < 1:
-        raise ValueError(f"mask_ratio={mask_ratio} keeps no patch of a {img_size // patch_size}^2 grid")
+    _validate_grid(img_size, patch_size, mask_ratio)
     for prefix, dim, heads in [("", embed_dim, num_heads), ("decoder_", decoder_embed_dim, decoder_num_heads)]:
         if dim % heads != 0:
             raise ValueError(f"{prefix}embed_dim={dim} is not divisible by {prefix}num_heads={heads}")
         if dim % 4 != 0:
             raise ValueError(f"{prefix}embed_dim={dim} must be divisible by 4 for 2-D sin-cos position embeddings")
+
+
+def _validate_grid(img_size: int | tuple[int, int], patch_size: int, mask_ratio: float) -> None:
+    """An int or [H, W] image size, both sides divisible by the patch size, and at least one
+    patch of the grid kept visible."""
+    height, width = image_hw(img_size)
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
+    h, w = height // patch_size, width // patch_size
+    if int(h * w * (1 - mask_ratio)) < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps no patch of a {h}x{w} grid")
