@@ -90,7 +90,7 @@ def full_fp32_bytes(model) -> int:
     return 4 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-def measure(model_name: str, strategy: str) -> dict[str, int]:
+def measure(model_name: str, strategy: str, construction_only: bool = False) -> dict[str, int]:
     """Run one step with `strategy` in this (torchrun-launched) process."""
     from maescale import parallel
     from maescale.config import load_config
@@ -103,6 +103,9 @@ def measure(model_name: str, strategy: str) -> dict[str, int]:
     torch.manual_seed(0)
     model = parallel.build_model(lambda: build_model(model_name), cfg, accelerator)
     construction = (resident_kib("VmHWM") - rss_before) * 1024
+    if construction_only:  # models whose training step does not fit this machine
+        return {"parameters": parameters_held(model), "rss_at_construction": construction,
+                "full_model": full_fp32_bytes(model)}
     optimizer = build_optimizer(model, cfg, lr=1e-4)
     shape = (1, model.in_chans, *model.img_size)  # before prepare() wraps the model
     model, optimizer = parallel.prepare(model, optimizer, cfg, accelerator)
@@ -124,21 +127,22 @@ def measure(model_name: str, strategy: str) -> dict[str, int]:
     }
 
 
-def worker(model_name: str, strategy: str) -> None:
+def worker(model_name: str, strategy: str, construction_only: bool) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    result = measure(model_name, strategy)
+    result = measure(model_name, strategy, construction_only)
     values = torch.tensor(list(result.values()), dtype=torch.int64)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         print(RESULT_PREFIX + json.dumps(dict(zip(result, values.tolist()))), flush=True)
 
 
-def launch(model_name: str, strategy: str, nproc: int) -> dict[str, int]:
+def launch(model_name: str, strategy: str, nproc: int, construction_only: bool = False) -> dict[str, int]:
     """Fresh processes per strategy, so one strategy's peak memory never hides another's."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                __file__, "--worker", strategy, "--model", model_name]
+    command += ["--construction-only"] * construction_only
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
@@ -161,21 +165,32 @@ def print_table(model_name: str, nproc: int, rows: dict[str, dict[str, int]]) ->
               f"({r['rss_at_construction'] / r['full_model']:.2f}x) | {ratio} |")
 
 
+def print_construction(model_name: str, nproc: int, rows: dict[str, dict[str, int]]) -> None:
+    print(f"{model_name}, {nproc} processes, construction only; MiB per process (max over processes)\n")
+    print("| strategy | parameters held | RSS growth at construction (x full fp32 model) |")
+    print("|---|---|---|")
+    for strategy, r in rows.items():
+        print(f"| {strategy} | {r['parameters'] / 2**20:.0f} | {r['rss_at_construction'] / 2**20:.0f} "
+              f"({r['rss_at_construction'] / r['full_model']:.2f}x) |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mae_vit_base_patch16")
     parser.add_argument("--nproc", type=int, default=2, help="processes per strategy")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--construction-only", action="store_true",
+                        help="stop after building the model (for models whose step does not fit in memory)")
     parser.add_argument("--worker", choices=list(STRATEGIES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.model, args.worker)
+        worker(args.model, args.worker, args.construction_only)
         return
     rows = {}
     for strategy in args.strategies:
-        rows[strategy] = launch(args.model, strategy, args.nproc)
+        rows[strategy] = launch(args.model, strategy, args.nproc, args.construction_only)
         print(f"measured {strategy}", file=sys.stderr, flush=True)
-    print_table(args.model, args.nproc, rows)
+    (print_construction if args.construction_only else print_table)(args.model, args.nproc, rows)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,21 @@ def mae_train_flops_per_image(
     return 3 * (blocks + embed_and_predict) + recompute
 
 
+# Dense fp32 peaks (no TF32; torch's default for fp32 matmuls) from the same datasheets.
+PEAK_FP32_FLOPS = {
+    "A100": 19.5e12,
+    "H100": 67e12,
+    "H200": 67e12,
+}
+
+
+def dense_peak_flops(device_name: str, precision: str) -> float | None:
+    """Peak FLOP/s of a known accelerator for `precision` ("bf16" or "fp32"); None when unknown."""
+    if precision == "bf16":
+        return device_peak_flops(device_name)
+    return next((peak for key, peak in PEAK_FP32_FLOPS.items() if key in device_name), None)
+
+
 def accelerator_peak_flops(device, precision: str) -> float | None:
     """Peak FLOP/s that MFU is measured against: the bf16 peak of a known GPU for bf16 runs, else None."""
     if device.type != "cuda" or precision != "bf16":

@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim.adam import adam
 
 from .config import Config
-from .parallel import local_tensor
+from .parallel import full_shape, local_tensor
 
 
 def effective_batch(cfg: Config, world_size: int) -> int:
@@ -31,13 +31,15 @@ def peak_lr(cfg: Config, world_size: int) -> float:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: biases and 1-D parameters (norms) get no weight decay.
 
-    Frozen parameters (the fixed position embeddings) are left out entirely.
+    Frozen parameters (the fixed position embeddings) are left out entirely. The shape is the
+    whole parameter's: a ZeRO-3 parameter built under `deepspeed.zero.Init` is an empty 1-D
+    placeholder.
     """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+        (no_decay if len(full_shape(param)) <= 1 or name.endswith(".bias") else decay).append(param)
     return [
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},

@@ -361,6 +361,11 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape, also under ZeRO-3, where the tensor itself is an empty placeholder."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def shard_group(tensor: torch.Tensor):
     """The process group across which a DTensor is sharded (None for a whole tensor): its
     local pieces add up to the whole there; across a replicate dimension they are copies."""

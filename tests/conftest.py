@@ -64,6 +64,17 @@ def write_mixed_image_folder(root: Path) -> Path:
 BAD_FILES = ("cat/b_truncated.jpg", "cat/e_text.jpg", "dog/a_empty.jpg")
 
 
+@pytest.fixture(scope="session")
+def straight_nine_steps_run(tmp_path_factory) -> Path:
+    """One uninterrupted 9-step run on one process (test_distributed.COMMON), the reference of
+    every resume test: made once per session."""
+    from test_distributed import run
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run(out, 1, steps=9)
+    return out
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped, with the reason, where there is none")
     config.addinivalue_line("markers",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BAD_FILES, TINY_RUN, write_mixed_image_folder
-from test_distributed import COMMON, REPO, free_port, run, worker_with_rank
+from test_distributed import COMMON, REPO, free_port, worker_with_rank
 
 from maescale import checkpoint
 from maescale.config import load_config
@@ -90,10 +90,8 @@ KILL_RUN = [*COMMON, "data.batch_size=8", "checkpoint.every_steps=3"]
 
 
 @pytest.fixture(scope="module")
-def straight_nine_steps(tmp_path_factory) -> list[float]:
-    out = tmp_path_factory.mktemp("straight") / "run"
-    run(out, 1, steps=9)
-    return [row["loss"] for row in read_metrics(out)]
+def straight_nine_steps(straight_nine_steps_run) -> list[float]:
+    return [row["loss"] for row in read_metrics(straight_nine_steps_run)]
 
 
 @pytest.mark.parametrize("strategy", [
