@@ -6,11 +6,11 @@ checkpointing."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_distributed import free_port
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from maescale.metrics import mae_train_flops_per_image
@@ -92,12 +92,6 @@ def test_init_is_a_function_of_seed_and_name_only():
     assert not torch.equal(model.blocks[0].attn.proj.weight, model.blocks[1].attn.proj.weight)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _full_parameters(model) -> dict[str, torch.Tensor]:
     """Every parameter whole, however it is stored (DTensor shards, ZeRO-3 partitions)."""
     if any(hasattr(p, "ds_id") for p in model.parameters()):
@@ -138,7 +132,7 @@ def _sharded_build_worker(rank: int, world: int, port: int, overrides: list[str]
 ])
 def test_sharded_construction_equals_a_single_process_build_bit_for_bit(overrides):
     queue = mp.get_context("spawn").Queue()
-    mp.start_processes(_sharded_build_worker, args=(2, _free_port(), overrides, queue), nprocs=2,
+    mp.start_processes(_sharded_build_worker, args=(2, free_port(), overrides, queue), nprocs=2,
                        start_method="spawn")
     held, unequal, count = queue.get(timeout=10)
     assert count == len(list(build_model("mae_vit_micro_patch4").parameters()))
