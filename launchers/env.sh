@@ -66,6 +66,9 @@ setup
 case "$task" in
   setup) ;;
   pretrain) exec "$VENV/bin/maescale" pretrain --config configs/pretrain/demo.yaml "$@" ;;
-  test) ensure_slurm; exec "$VENV/bin/python" -m pytest "$@" ;;
+  # Two workers: most tests wait on process start-up and gloo, so two overlap on two cores;
+  # one module per worker keeps each module's fixtures (runs, betons, the Slurm cluster) built once.
+  # MAESCALE_TEST_WORKERS=0 runs them in this process.
+  test) ensure_slurm; exec "$VENV/bin/python" -m pytest -n "${MAESCALE_TEST_WORKERS:-2}" --dist loadscope "$@" ;;
   *) echo "usage: bash launchers/env.sh {setup|pretrain|test} [args...]" >&2; exit 2 ;;
 esac

@@ -137,11 +137,15 @@ def to_display(
 def reconstruction_panels(
     model, images: torch.Tensor, seed: int = 0, display: FigureDisplay = IMAGENET_DISPLAY
 ) -> dict[str, torch.Tensor]:
-    """Run the MAE (in eval mode, without gradients) with a fixed mask; return the four panels."""
+    """Run the MAE (in eval mode, without gradients) with a fixed mask; return the four panels.
+
+    A compiled model runs this eagerly: without gradients it would compile a second graph, which
+    costs as long as compiling the training step, for a handful of images.
+    """
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             return _panels(model, images, seed, display)
     finally:
         model.train(was_training)

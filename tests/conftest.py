@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-# Tests share 2 cores with data workers: keep intra-op threads low and results repeatable.
-torch.set_num_threads(2)
+# Tests share 2 cores with data workers (and, under pytest-xdist, with the other worker): keep
+# intra-op threads low and results repeatable.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_RUN = [

@@ -3,11 +3,11 @@ device, the side-stream batch copies, and FFCV's ToDevice path. Marked `cuda`: s
 the reason, on machines without one (conftest.py)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_distributed import free_port
 
 from maescale import parallel
 from maescale.data import Batch
@@ -87,9 +87,7 @@ def _fsdp2_vs_plain(rank: int, port: int, queue) -> None:
 
 
 def test_fsdp2_over_one_gpu_trains_as_the_plain_model():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     queue = mp.get_context("spawn").Queue()
     mp.start_processes(_fsdp2_vs_plain, args=(port, queue), nprocs=1, start_method="spawn")
     for sharded, plain in queue.get(timeout=10):

@@ -4,7 +4,6 @@ through the CLI (one and two processes), plus a CIFAR-10 pipeline check when ../
 import contextlib
 import io
 import os
-import subprocess
 import sys
 import tarfile
 from collections import Counter
@@ -37,26 +36,17 @@ EVAL_DATA = ["data.kind=synthetic", "data.synthetic_size=256", "data.batch_size=
 
 
 def cli(*args: str, nproc: int = 1) -> str:
-    """`maescale ...` in this process, or on `nproc` processes with torchrun; returns what it printed."""
+    """`maescale ...` in this process, or on `nproc` processes; returns what it printed."""
     if nproc == 1:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(list(args))
         assert code == 0, err.getvalue()[-3000:]
         return out.getvalue() + err.getvalue()
-    from test_distributed import free_port
+    from test_distributed import run_ranks
 
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        "-m",
-        "maescale",
-    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_ranks([sys.executable, "-m", "maescale", *args], nproc, env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_distributed import run_ranks
 
 from maescale.data.ffcv_compat import ffcv_available, group_operations
 from maescale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -109,12 +109,6 @@ def train_loader(written):
 
     with deadline(300):
         yield FFCVEpochLoader(written[0], img_size=IMG_SIZE, batch_size=8, seed=5, num_workers=1, train=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stored_labels(path: Path) -> np.ndarray:
@@ -276,9 +270,8 @@ def test_ffcv_config_errors_name_the_key(tmp_path, written):
 def test_two_gloo_ranks_split_an_epoch_without_overlap(written, tmp_path):
     out = tmp_path / "ranks.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(REPO / "tests" / "ffcv_rank_worker.py"), str(written[0]), str(out)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    command = [sys.executable, str(REPO / "tests" / "ffcv_rank_worker.py"), str(written[0]), str(out)]
+    result = run_ranks(command, 2, env, timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     ranks = json.loads(out.read_text())
     count, batch = GRADIENTS + PHOTOS + 1, 4

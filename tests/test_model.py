@@ -19,8 +19,6 @@ from maescale.models import (
 )
 from maescale.models.mae import is_encoder_key, patchify, random_masking, unpatchify
 
-torch.set_num_threads(2)
-
 MICRO = "mae_vit_micro_patch4"
 PAPER_MODELS = {
     "mae_vit_base_patch16": "vit_base_patch16_224",

@@ -2,12 +2,12 @@
 own on whole tensors (one process) and on real 2-process gloo groups."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import free_port
 
 from maescale import parallel
 from maescale.config import ConfigError, load_config
@@ -131,9 +131,7 @@ def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, queue) -
 
 @pytest.mark.parametrize("replicate", [1, 2], ids=["fsdp", "hsdp_2x1"])
 def test_sharded_clip_and_adamw_match_whole_tensors_on_two_processes(replicate):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = mp.get_context("spawn")
     queue = context.Queue()
     mp.start_processes(_sharded_vs_whole, args=(2, port, replicate, queue), nprocs=2, start_method="spawn")

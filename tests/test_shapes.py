@@ -46,8 +46,6 @@ from maescale.viz import (
     to_display,
 )
 
-torch.set_num_threads(2)
-
 MICRO = "mae_vit_micro_patch4"
 
 
