@@ -90,7 +90,19 @@ def _deepspeed_skip_reason() -> str | None:
     return None
 
 
+# The modules that take longest (minutes of real Slurm jobs, 2-process runs, FFCV betons), first:
+# pytest-xdist hands modules to workers in collection order, so a long one started last would
+# leave the other workers idle at the end.
+LONGEST_MODULES = ("test_slurm.py", "test_distributed.py", "test_faults.py", "test_ffcv.py", "test_matrix.py")
+
+
+def _longest_first(item) -> int:
+    name = item.path.name
+    return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_longest_first)  # stable: each module's tests keep their order
     reasons = {
         "cuda": None if torch.cuda.is_available() else "needs a CUDA GPU: none on this machine",
         "deepspeed": _deepspeed_skip_reason(),
