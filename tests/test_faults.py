@@ -203,8 +203,8 @@ def test_pretraining_and_the_ffcv_writer_skip_every_kind_of_bad_file(tmp_path):
     images = write_mixed_image_folder(tmp_path / "images")
     out = tmp_path / "run"
     result = cli_process("pretrain", "model.name=mae_vit_micro_patch4", "data.kind=folder", f"data.path={images}",
-                 "data.batch_size=4", "data.num_workers=0", "schedule.epochs=1", "schedule.warmup_epochs=0",
-                 f"output_dir={out}")
+                         "data.batch_size=4", "data.num_workers=0", "schedule.epochs=1", "schedule.warmup_epochs=0",
+                         f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in BAD_FILES:
         assert str(images / name) in result.stderr
