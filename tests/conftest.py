@@ -1,5 +1,8 @@
+import contextlib
 import importlib.util
+import io
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,30 @@ TINY_RUN = [
     "train.log_every=1",
     "checkpoint.every_steps=4",
 ]
+
+
+def run_maescale(*args, ok: bool = True) -> subprocess.CompletedProcess:
+    """`maescale *args` called in this process (no interpreter start-up, torch imported once):
+    its exit code and what it printed. With `ok`, fails the test unless it exits 0. Faults that
+    need a process of their own (kills, signals, warnings at import) start one instead."""
+    from maescale.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+    result = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if ok:
+        assert code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def maescale_printed(*args) -> str:
+    """What a successful `maescale *args` (in this process) printed, stdout then stderr."""
+    result = run_maescale(*args)
+    return result.stdout + result.stderr
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """Evaluation protocols: LARS, the BN head, kNN, layer decay, fine-tuning, and pretrain -> linprobe -> knn
 through the CLI (one and two processes), plus a CIFAR-10 pipeline check when ../shared/data is there."""
 
-import contextlib
-import io
 import os
 import sys
 import tarfile
@@ -12,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import maescale_printed
 from PIL import Image
 
 from maescale import parallel
-from maescale.__main__ import main
 from maescale.config import ConfigError, load_config
 from maescale.data import SyntheticShapes, build_loader
 from maescale.evaluate.accuracy import topk_accuracy
@@ -38,11 +36,7 @@ EVAL_DATA = ["data.kind=synthetic", "data.synthetic_size=256", "data.batch_size=
 def cli(*args: str, nproc: int = 1) -> str:
     """`maescale ...` in this process, or on `nproc` processes; returns what it printed."""
     if nproc == 1:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(list(args))
-        assert code == 0, err.getvalue()[-3000:]
-        return out.getvalue() + err.getvalue()
+        return maescale_printed(*args)
     from test_distributed import run_ranks
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -2,7 +2,6 @@
 
 import contextlib
 import importlib.util
-import io
 import math
 import os
 import shutil
@@ -14,28 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BAD_FILES, TINY_RUN, write_mixed_image_folder
+from conftest import BAD_FILES, TINY_RUN, run_maescale, write_mixed_image_folder
 from test_distributed import COMMON, REPO, free_port, worker_with_rank
 
 from maescale import checkpoint
-from maescale.__main__ import main
 from maescale.config import load_config
 from maescale.errors import CheckpointError
 from maescale.interop import load_run_model
 from maescale.metrics import read_metrics
 from maescale.train import NonFiniteLossError, StopRequest, Trainer, pretrain
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """`maescale ...` in this process: its exit code and what it printed (the faults that need a
-    process of their own, kills and signals, launch one below)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exit_:  # argparse's own errors
-            code = exit_.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def cli_process(*args: str) -> subprocess.CompletedProcess:
@@ -190,7 +176,7 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_last_checkpoint(tmp_pa
 
 def test_a_read_only_output_dir_is_a_clear_error_before_any_work(tmp_path):
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as folder:
-        result = cli("pretrain", *TINY_RUN, f"output_dir={folder / 'run'}")
+        result = run_maescale("pretrain", *TINY_RUN, f"output_dir={folder / 'run'}", ok=False)
     assert result.returncode == 2
     assert f"output_dir='{folder / 'run'}' is not writable: Read-only file system" in result.stderr
     assert "Traceback" not in result.stderr
@@ -231,7 +217,7 @@ def test_pretraining_and_the_ffcv_writer_skip_every_kind_of_bad_file(tmp_path):
     (["checkpoint.resume=/nonexistent/step_00000004"], "no such checkpoint folder"),
 ])
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path, overrides, message):
-    result = cli("pretrain", *TINY_RUN, f"output_dir={tmp_path / 'run'}", *overrides)
+    result = run_maescale("pretrain", *TINY_RUN, f"output_dir={tmp_path / 'run'}", *overrides, ok=False)
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -247,7 +233,8 @@ def saved_run(tmp_path_factory) -> Path:
 def test_a_checkpoint_of_another_model_size_names_the_first_mismatching_key(tmp_path, saved_run):
     out = tmp_path / "run"
     shutil.copytree(saved_run, out)
-    result = cli("pretrain", *TINY_RUN, f"output_dir={out}", "train.max_steps=12", "model.decoder_embed_dim=48")
+    result = run_maescale("pretrain", *TINY_RUN, f"output_dir={out}", "train.max_steps=12",
+                          "model.decoder_embed_dim=48", ok=False)
     assert result.returncode == 2, result.stderr[-3000:]
     assert ": mask_token has shape (1, 1, 32) there but (1, 1, 48) in this model" in result.stderr
     assert "Traceback" not in result.stderr
@@ -260,14 +247,13 @@ def test_a_damaged_checkpoint_is_a_clear_error_pointing_to_the_previous_one(tmp_
     newest = checkpoint.latest(root)
     for shard in newest.glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])  # e.g. a disk error or a copy that stopped
-    result = cli("pretrain", *TINY_RUN, f"output_dir={out}", "train.max_steps=12")
+    result = run_maescale("pretrain", *TINY_RUN, f"output_dir={out}", "train.max_steps=12", ok=False)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"{newest} cannot be loaded" in result.stderr
     assert f"checkpoint.resume={root / 'step_00000004'}" in result.stderr
     assert "Traceback" not in result.stderr
-    resumed = cli("pretrain", *TINY_RUN, f"output_dir={out}", "train.max_steps=12",
-                  f"checkpoint.resume={root / 'step_00000004'}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_maescale("pretrain", *TINY_RUN, f"output_dir={out}", "train.max_steps=12",
+                 f"checkpoint.resume={root / 'step_00000004'}")
 
 
 # ---------------------------------------------------------------- non-finite loss

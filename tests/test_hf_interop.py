@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_maescale
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers", reason="the Hugging Face interop tests need transformers (the test extra)")
 from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 
-from maescale.__main__ import main  # noqa: E402
 from maescale.checkpoint import load_model_weights  # noqa: E402
 from maescale.config import ConfigError, load_config  # noqa: E402
 from maescale.interop import export_hf, from_hf_state, load_hf_model, to_hf_state  # noqa: E402
@@ -29,16 +29,6 @@ MICRO_HF = dict(
     num_channels=3, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
     decoder_intermediate_size=128, layer_norm_eps=1e-6, mask_ratio=0.75, norm_pix_loss=True,
 )
-
-
-def cli(capsys, *args: str, ok: bool = True) -> tuple[int, str, str]:
-    """Run the `maescale` command line in this process; (exit code, stdout, stderr)."""
-    capsys.readouterr()  # drop what came before (transformers' progress bars)
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    if ok:
-        assert code == 0, out[-3000:] + err[-3000:]
-    return code, out, err
 
 
 @torch.no_grad()
@@ -130,7 +120,7 @@ def test_maescale_to_hf_to_maescale_keeps_every_weight(tmp_path):
     assert_same_state(load_hf_model(tmp_path / "resaved").state_dict(), mae.state_dict())
 
 
-def test_a_shape_of_no_named_model_loads_in_python_with_its_channels(tmp_path, capsys):
+def test_a_shape_of_no_named_model_loads_in_python_with_its_channels(tmp_path):
     changes = dict(hidden_size=48, num_attention_heads=3, intermediate_size=96, decoder_intermediate_size=64,
                    num_channels=1)
     hf = hf_model(seed=2, **changes)
@@ -139,9 +129,9 @@ def test_a_shape_of_no_named_model_loads_in_python_with_its_channels(tmp_path, c
     assert mae.in_chans == 1 and mae.blocks[0].mlp.fc1.out_features == 96
     assert_same_outputs(hf, mae)
     # a run folder names its model: this one has none
-    code, _, err = cli(capsys, "import", "--weights", str(tmp_path / "hf"), "--out", str(tmp_path / "run"), ok=False)
-    assert code == 2 and err.count("\n") == 1
-    assert "hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96" in err
+    result = run_maescale("import", "--weights", str(tmp_path / "hf"), "--out", str(tmp_path / "run"), ok=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96" in result.stderr
 
 
 def test_hf_default_layer_norm_eps_is_read_as_the_mae_one_with_a_warning(tmp_path, caplog):
@@ -158,12 +148,12 @@ def test_hf_default_layer_norm_eps_is_read_as_the_mae_one_with_a_warning(tmp_pat
 # ---------------------------------------------------------------- the commands
 
 
-def test_import_then_export_on_the_command_line_without_transformers(tmp_path, capsys, monkeypatch):
+def test_import_then_export_on_the_command_line_without_transformers(tmp_path, monkeypatch):
     hf = hf_model(seed=4, image_size=16, decoder_num_hidden_layers=2, mask_ratio=0.6, norm_pix_loss=False)
     hf.save_pretrained(tmp_path / "hf")
     monkeypatch.setitem(sys.modules, "transformers", None)  # any `import transformers` now fails
     run = tmp_path / "run"
-    _, out, _ = cli(capsys, "import", "--weights", str(tmp_path / "hf"), "--out", str(run))
+    out = run_maescale("import", "--weights", str(tmp_path / "hf"), "--out", str(run)).stdout
     ckpt = run / "checkpoints" / "step_00000000"
     assert str(ckpt) in out
     model_cfg = load_config(run / "config.yaml").model
@@ -171,7 +161,7 @@ def test_import_then_export_on_the_command_line_without_transformers(tmp_path, c
     assert (model_cfg.mask_ratio, model_cfg.norm_pix_loss) == (0.6, False)
     imported = load_model_weights(build_model(**asdict(model_cfg)), ckpt)
     exported = tmp_path / "exported"
-    cli(capsys, "export", "--ckpt", str(ckpt), "--format", "hf", "--out", str(exported))
+    run_maescale("export", "--ckpt", str(ckpt), "--format", "hf", "--out", str(exported))
     monkeypatch.undo()
     assert set(load_file(str(exported / "model.safetensors"))) >= {"vit.encoder.layer.1.attention.attention.query.bias"}
     again = ViTMAEForPreTraining.from_pretrained(exported).eval()
@@ -205,20 +195,20 @@ BAD_FOLDERS = [
 
 
 @pytest.mark.parametrize("spoil, extra_args, message", BAD_FOLDERS)
-def test_import_refuses_what_maescale_cannot_represent_in_one_line(spoil, extra_args, message, tmp_path, capsys):
+def test_import_refuses_what_maescale_cannot_represent_in_one_line(spoil, extra_args, message, tmp_path):
     folder = export_hf(build_model(MICRO), tmp_path / "hf")
     spoil(folder)
     args = ["import", "--weights", str(folder), "--out", str(tmp_path / "run"), *extra_args]
-    code, _, err = cli(capsys, *args, ok=False)
-    assert code == 2 and err.startswith("maescale import: error: ") and err.count("\n") == 1, err
+    err = run_maescale(*args, ok=False).stderr
+    assert err.startswith("maescale import: error: ") and err.count("\n") == 1, err
     assert message in err
     assert not (tmp_path / "run").exists()
 
 
-def test_a_weights_file_still_needs_model_and_export_refuses_rectangles(tmp_path, capsys):
+def test_a_weights_file_still_needs_model_and_export_refuses_rectangles(tmp_path):
     weights = tmp_path / "w.pth"
     torch.save({"model": build_model(MICRO).state_dict()}, weights)
-    code, _, err = cli(capsys, "import", "--weights", str(weights), "--out", str(tmp_path / "run"), ok=False)
-    assert code == 2 and "--model is required for a weights file" in err
+    result = run_maescale("import", "--weights", str(weights), "--out", str(tmp_path / "run"), ok=False)
+    assert result.returncode == 2 and "--model is required for a weights file" in result.stderr
     with pytest.raises(ConfigError, match=r"img_size=\[32, 16\]: Hugging Face's ViTMAE takes square images only"):
         export_hf(build_model(MICRO, img_size=[32, 16]), tmp_path / "rect")

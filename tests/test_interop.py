@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import run_maescale
 from PIL import Image
 from safetensors.torch import load_file
 
 from maescale import checkpoint
-from maescale.__main__ import main
 from maescale.checkpoint import load_model_weights
 from maescale.config import load_config
 from maescale.data import SyntheticShapes
@@ -31,15 +31,6 @@ from maescale.train import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = "mae_vit_micro_patch4"
-
-
-def cli(capsys, *args: str, ok: bool = True) -> tuple[int, str, str]:
-    """Run the `maescale` command line in this process; (exit code, stdout, stderr)."""
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    if ok:
-        assert code == 0, out[-3000:] + err[-3000:]
-    return code, out, err
 
 
 def official_file(path: Path, model, encoder_only: bool, prefix: str = "") -> Path:
@@ -109,10 +100,10 @@ def short_run(tmp_path_factory) -> Path:
     return pretrain(cfg)["checkpoint"]
 
 
-def test_export_formats_from_a_checkpoint_round_trip(short_run, tmp_path, capsys, caplog):
+def test_export_formats_from_a_checkpoint_round_trip(short_run, tmp_path, caplog):
     trained = load_model_weights(build_model(MICRO), short_run).eval()
     timm_file = tmp_path / "encoder.safetensors"
-    cli(capsys, "export", "--ckpt", str(short_run), "--format", "timm", "--out", str(timm_file))
+    run_maescale("export", "--ckpt", str(short_run), "--format", "timm", "--out", str(timm_file))
     state, metadata = read_state_dict(timm_file)
     vit = build_timm_vit(json.loads(metadata["timm_kwargs"])).eval()
     vit.load_state_dict(state, strict=True)
@@ -127,7 +118,7 @@ def test_export_formats_from_a_checkpoint_round_trip(short_run, tmp_path, capsys
     assert torch.equal(from_timm.forward_features(images), trained.forward_features(images))
 
     release = tmp_path / "release.pth"
-    cli(capsys, "export", "--ckpt", str(short_run), "--format", "release", "--out", str(release))
+    run_maescale("export", "--ckpt", str(short_run), "--format", "release", "--out", str(release))
     payload = torch.load(release, weights_only=True)
     assert list(payload) == ["model"] and set(payload["model"]) == set(trained.state_dict())
     assert any(k.startswith("decoder_blocks.") for k in payload["model"])
@@ -135,12 +126,12 @@ def test_export_formats_from_a_checkpoint_round_trip(short_run, tmp_path, capsys
     assert all(torch.equal(a, b) for a, b in zip(reread.state_dict().values(), trained.state_dict().values()))
 
 
-def test_import_official_then_continue_pretraining_and_evaluate(tmp_path, capsys):
+def test_import_official_then_continue_pretraining_and_evaluate(tmp_path):
     torch.manual_seed(1)
     source = build_model(MICRO)
     weights = official_file(tmp_path / "mae_pretrain.pth", source, encoder_only=False)
     run = tmp_path / "imported"
-    _, out, _ = cli(capsys, "import", "--weights", str(weights), "--model", MICRO, "--out", str(run))
+    out = run_maescale("import", "--weights", str(weights), "--model", MICRO, "--out", str(run)).stdout
     ckpt = run / "checkpoints" / "step_00000000"
     assert str(ckpt) in out
     imported = load_model_weights(build_model(MICRO), ckpt)
@@ -160,14 +151,14 @@ def test_import_official_then_continue_pretraining_and_evaluate(tmp_path, capsys
     assert 0 < distance(continued) < 0.1 * distance(unrelated)  # 4 steps away from the imported weights
 
 
-def test_import_reports_a_wrong_model(tmp_path, capsys):
+def test_import_reports_a_wrong_model(tmp_path):
     weights = official_file(tmp_path / "w.pth", build_model(MICRO), encoder_only=True)
     args = ["import", "--weights", str(weights), "--model", "mae_vit_tiny_patch4", "--out", str(tmp_path / "r")]
-    code, _, err = cli(capsys, *args, ok=False)
-    assert code == 2 and "does not fit" in err and str(weights) in err
+    result = run_maescale(*args, ok=False)
+    assert result.returncode == 2 and "does not fit" in result.stderr and str(weights) in result.stderr
 
 
-def test_visualize_a_flat_image_folder_with_a_fixed_mask_seed(short_run, tmp_path, capsys):
+def test_visualize_a_flat_image_folder_with_a_fixed_mask_seed(short_run, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     shapes = SyntheticShapes(3, 40, seed=5)
@@ -175,7 +166,7 @@ def test_visualize_a_flat_image_folder_with_a_fixed_mask_seed(short_run, tmp_pat
         Image.fromarray(shapes[i][0].permute(1, 2, 0).numpy()).save(folder / f"{i}.jpg")
     def draw(name: str, seed: int) -> str:
         out, images = tmp_path / name, str(folder)
-        cli(capsys, "visualize", "--ckpt", str(short_run), "--images", images, "--out", str(out), "--seed", str(seed))
+        run_maescale("visualize", "--ckpt", str(short_run), "--images", images, "--out", str(out), "--seed", str(seed))
         return hashlib.sha256(out.read_bytes()).hexdigest()
 
     figures = [draw("a.png", 3), draw("b.png", 3)]

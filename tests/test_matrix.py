@@ -9,16 +9,14 @@ Everything runs in this process, on the micro model with a few images, so a cell
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import maescale_printed
 from PIL import Image
 
-from maescale.__main__ import main
 from maescale.data import SyntheticShapes
 from maescale.data.ffcv_compat import ffcv_available
 from maescale.metrics import read_metrics
@@ -27,15 +25,6 @@ KINDS = ["synthetic", "folder", "ffcv"]
 TRAIN_IMAGES, VAL_IMAGES, BATCH = 48, 24, 8
 SOURCE_PX = 40  # JPEG side: larger than the 32 px crops, as photos are
 NEEDS_FFCV = pytest.mark.skipif(not ffcv_available(), reason="ffcv is not installed (pip install 'maescale[ffcv]')")
-
-
-def run_cli(*args: str) -> str:
-    """`maescale ...` in this process; fails the test unless it exits 0. Returns stdout + stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    assert code == 0, err.getvalue()[-3000:]
-    return out.getvalue() + err.getvalue()
 
 
 def write_jpeg_split(root: Path, count: int, seed: int) -> None:
@@ -66,8 +55,8 @@ def beton_root(jpeg_root, tmp_path_factory) -> Path:
         pytest.skip("ffcv is not installed (pip install 'maescale[ffcv]')")
     root = tmp_path_factory.mktemp("betons")
     for split in ("train", "val"):
-        printed = run_cli("write-beton", "--src", jpeg_root, "--split", split, "--out", root / f"{split}.beton",
-                          "--max-resolution", SOURCE_PX, "--workers", 1)
+        printed = maescale_printed("write-beton", "--src", jpeg_root, "--split", split,
+                                   "--out", root / f"{split}.beton", "--max-resolution", SOURCE_PX, "--workers", 1)
         assert f"wrote {root / f'{split}.beton'}" in printed
     return root
 
@@ -97,7 +86,7 @@ def pretrained(request, tmp_path_factory):
     kind = request.param
     data = data_overrides(kind, request)
     out = tmp_path_factory.mktemp(f"pretrain-{kind}") / "run"
-    printed = run_cli("pretrain", f"output_dir={out}", *PRETRAIN, *data)
+    printed = maescale_printed("pretrain", f"output_dir={out}", *PRETRAIN, *data)
     return kind, data, out, printed
 
 
@@ -124,7 +113,8 @@ def test_pretrain(pretrained):
 def test_pretrain_with_the_knn_monitor(kind, request, tmp_path):
     out = tmp_path / "run"
     monitor = ["monitor.knn_every=2", "monitor.bank_images=16", "monitor.val_images=8", "monitor.k=5"]
-    run_cli("pretrain", f"output_dir={out}", *PRETRAIN, "train.max_steps=4", *monitor, *data_overrides(kind, request))
+    maescale_printed("pretrain", f"output_dir={out}", *PRETRAIN, "train.max_steps=4", *monitor,
+                     *data_overrides(kind, request))
     rows = [r for r in read_metrics(out) if "knn_top1" in r]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in rows)
@@ -133,7 +123,7 @@ def test_pretrain_with_the_knn_monitor(kind, request, tmp_path):
 def test_visualize(pretrained, tmp_path):
     _, _, out, _ = pretrained
     figure = tmp_path / "figure.png"
-    printed = run_cli("visualize", "--ckpt", checkpoint_of(out), "--out", figure, "--num-images", 2)
+    printed = maescale_printed("visualize", "--ckpt", checkpoint_of(out), "--out", figure, "--num-images", 2)
     assert f"wrote {figure}" in printed
     with Image.open(figure) as image:
         assert image.size[0] > image.size[1]  # 4 panels wide, 2 rows high
@@ -155,13 +145,13 @@ def protocol_rows(tmp_path: Path, protocol: str) -> list[dict]:
 def test_linprobe(pretrained, tmp_path, augment):
     args = evaluation(pretrained, tmp_path, f"linprobe.augment={str(augment).lower()}", f"linprobe.batch_size={BATCH}",
                       "linprobe.epochs=2", "linprobe.warmup_epochs=1")
-    assert "linprobe val: top-1" in run_cli("linprobe", *args)
+    assert "linprobe val: top-1" in maescale_printed("linprobe", *args)
     rows = protocol_rows(tmp_path, "linprobe")
     assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["top1"] <= r["top5"] <= 100 for r in rows)
 
 
 def test_knn(pretrained, tmp_path):
-    printed = run_cli("knn", *evaluation(pretrained, tmp_path, "knn.k=5"))
+    printed = maescale_printed("knn", *evaluation(pretrained, tmp_path, "knn.k=5"))
     val_images = TRAIN_IMAGES if pretrained[0] == "synthetic" else VAL_IMAGES  # the synthetic splits have one size
     assert f"({val_images} images, bank of" in printed
     (row,) = protocol_rows(tmp_path, "knn")
@@ -171,7 +161,7 @@ def test_knn(pretrained, tmp_path):
 def test_finetune(pretrained, tmp_path):
     args = evaluation(pretrained, tmp_path, "finetune.max_steps=2", "finetune.epochs=1", "finetune.warmup_epochs=0",
                       "finetune.log_every=1")
-    assert "finetune val: top-1" in run_cli("finetune", *args)
+    assert "finetune val: top-1" in maescale_printed("finetune", *args)
     rows = protocol_rows(tmp_path, "finetune")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2] and "top1" in rows[-1]
     assert (tmp_path / "eval" / "finetuned.safetensors").is_file()
@@ -189,7 +179,8 @@ def test_betons_and_their_folder_give_the_same_knn_and_linprobe_top1(jpeg_root, 
     top1 = {}
     for kind, root in (("folder", jpeg_root), ("ffcv", beton_root)):
         for protocol in ("knn", "linprobe"):
-            run_cli(protocol, f"output_dir={tmp_path / kind}", f"data.kind={kind}", f"data.path={root}", *common)
+            maescale_printed(protocol, f"output_dir={tmp_path / kind}", f"data.kind={kind}", f"data.path={root}",
+                             *common)
         rows = read_metrics(tmp_path / kind)
         top1[kind] = {p: [r for r in rows if r["protocol"] == p][-1]["top1"] for p in ("knn", "linprobe")}
     for protocol in ("knn", "linprobe"):

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_matrix import checkpoint_of, run_cli  # the tests folder is on sys.path (pytest rootdir)
+from conftest import maescale_printed
+from test_matrix import checkpoint_of  # the tests folder is on sys.path (pytest rootdir)
 
 from maescale.data.stats import STATS_FILE
 from maescale.metrics import read_metrics
@@ -52,11 +53,11 @@ def pretrained(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"images-{channels}")
     write_split(root / "train", TRAIN, channels, suffix, seed=1)
     write_split(root / "val", VAL, channels, suffix, seed=2)
-    printed = run_cli("stats", "--data.path", root, "--channels", channels)
+    printed = maescale_printed("stats", "--data.path", root, "--channels", channels)
     assert "data.mean=[" in printed and (root / STATS_FILE).is_file()
     data = ["data.kind=folder", f"data.path={root}", f"data.batch_size={BATCH}", "data.num_workers=0"]
     out = tmp_path_factory.mktemp("run") / "run"
-    run_cli("pretrain", f"output_dir={out}", *MODEL, f"model.in_chans={channels}", *data, "schedule.epochs=10",
+    maescale_printed("pretrain", f"output_dir={out}", *MODEL, f"model.in_chans={channels}", *data, "schedule.epochs=10",
             "schedule.warmup_epochs=1", "optim.lr=3e-3", "train.log_every=1", "checkpoint.every_steps=100")
     return channels, data, out, root
 
@@ -84,7 +85,7 @@ def test_linprobe_and_knn_run_on_the_checkpoint(pretrained, protocol, tmp_path):
     _, data, out, _ = pretrained
     linprobe = ["linprobe.epochs=2", "linprobe.warmup_epochs=1", f"linprobe.batch_size={BATCH}"]
     extra = linprobe if protocol == "linprobe" else ["knn.k=3"]
-    printed = run_cli(protocol, f"output_dir={tmp_path}", f"encoder.ckpt={checkpoint_of(out)}", *data, *extra)
+    printed = maescale_printed(protocol, f"output_dir={tmp_path}", f"encoder.ckpt={checkpoint_of(out)}", *data, *extra)
     assert f"{protocol} val: top-1" in printed or f"({VAL} images, bank of" in printed
     (row, *_) = [r for r in reversed(read_metrics(tmp_path)) if r.get("protocol") == protocol]
     assert 0 <= row["top1"] <= row["top5"] <= 100

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_maescale
 
-from maescale.__main__ import main
 from maescale.models import MODEL_SPECS, build_model
 from maescale.plan import (
     GIB,
@@ -208,16 +208,9 @@ def test_largest_fitting_batch_is_where_the_peak_crosses_the_budget():
 # ----------------------------------------------------------------------------- command line
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(["plan", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_plan_prints_the_breakdown_step_time_and_fitting_batches(capsys):
-    code, out, _ = cli(capsys, "--model", "mae_vit_large_patch16", "--gpu", "A100-40GB", "--world-size", "8",
-                       "--strategy", "fsdp2", "--batch-size", "256", "--activation-checkpointing", "selective")
-    assert code == 0
+def test_plan_prints_the_breakdown_step_time_and_fitting_batches():
+    out = run_maescale("plan", "--model", "mae_vit_large_patch16", "--gpu", "A100-40GB", "--world-size", "8",
+                       "--strategy", "fsdp2", "--batch-size", "256", "--activation-checkpointing", "selective").stdout
     for text in ("329.5 M parameters", "50 visible tokens", "197 tokens", "parameters (fp32, 1/8 of it)",
                  "AdamW moments (fp32, 1/8 of it)", "gathered weights", "activations: encoder, 24 blocks x 50 tokens",
                  "peak (allocated)",
@@ -225,9 +218,8 @@ def test_plan_prints_the_breakdown_step_time_and_fitting_batches(capsys):
         assert text in out, text
 
 
-def test_plan_sweep_has_a_row_per_model(capsys):
-    code, out, _ = cli(capsys, "--sweep", "--gpu", "H200", "--strategy", "zero3", "--world-size", "16")
-    assert code == 0
+def test_plan_sweep_has_a_row_per_model():
+    out = run_maescale("plan", "--sweep", "--gpu", "H200", "--strategy", "zero3", "--world-size", "16").stdout
     rows = [line for line in out.splitlines() if line.startswith("| mae_")]
     assert [row.split("|")[1].strip() for row in rows] == list(MODEL_SPECS)
 
@@ -240,18 +232,18 @@ def test_plan_sweep_has_a_row_per_model(capsys):
     (["--gpu-memory", "0"], "--gpu-memory must be positive"),
     (["--gpu", "B200"], "unknown GPU 'B200'; known: H200, H100"),
 ])
-def test_bad_input_is_a_one_line_error(capsys, args, message):
-    code, out, err = cli(capsys, *args)
-    assert code == 2 and out == ""
+def test_bad_input_is_a_one_line_error(args, message):
+    result = run_maescale("plan", *args, ok=False)
+    assert result.returncode == 2 and result.stdout == ""
+    err = result.stderr
     assert len(err.strip().splitlines()) == 1 and err.startswith("maescale plan: error: ") and message in err
 
 
-def test_a_custom_gpu_memory_changes_what_fits(capsys):
+def test_a_custom_gpu_memory_changes_what_fits():
     assert lookup_gpu("H100", 94).memory_gib == 94
 
     def largest(*args: str) -> int:
-        code, out, _ = cli(capsys, "--model", "mae_vit_base_patch16", *args)
-        assert code == 0
+        out = run_maescale("plan", "--model", "mae_vit_base_patch16", *args).stdout
         return int(out.rsplit("largest: ", 1)[1].split()[0])
 
     small, h100 = largest("--gpu-memory", "20"), largest("--gpu", "H100")

@@ -4,8 +4,6 @@ figures of 1 and 6 channels, the config keys, and pretrain -> knn -> finetune th
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from dataclasses import asdict
@@ -15,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import run_maescale
 from PIL import Image
 
-from maescale.__main__ import main
 from maescale.config import ConfigError, DataConfig, ModelConfig, load_config
 from maescale.evaluate.config import EvalConfig
 from maescale.evaluate.finetune import classifier_from_mae
@@ -302,22 +300,14 @@ def test_eval_config_sizes_name_their_keys():
 
 
 def test_a_bad_size_is_a_one_line_cli_error():
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        assert main(["pretrain", "model.img_size=[32]"]) == 2
-    assert err.getvalue().strip().splitlines() == [
+    result = run_maescale("pretrain", "model.img_size=[32]", ok=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
         "maescale pretrain: error: model.img_size must be an int or a pair [height, width] of ints, got [32]"
     ]
 
 
 # ---------------------------------------------------------------- through the CLI
-
-
-def cli(*args: str) -> None:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    assert code == 0, err.getvalue()[-3000:]
 
 
 SYNTHETIC = ["data.synthetic_size=64", "data.batch_size=16", "data.num_workers=0"]
@@ -326,18 +316,19 @@ SYNTHETIC = ["data.synthetic_size=64", "data.batch_size=16", "data.num_workers=0
 def test_six_channel_rectangles_pretrain_then_knn_and_finetune_at_other_sizes(tmp_path):
     """Synthetic images of 6 channels (R, G, B repeated), 32 x 48: the run's config builds the encoder."""
     run = tmp_path / "run"
-    cli("pretrain", f"output_dir={run}", f"model.name={MICRO}", "model.img_size=[32,48]", "model.in_chans=6",
-        *SYNTHETIC, "schedule.epochs=1", "schedule.warmup_epochs=0", "train.figure_channels=[3,4,5]")
+    run_maescale("pretrain", f"output_dir={run}", f"model.name={MICRO}", "model.img_size=[32,48]", "model.in_chans=6",
+                 *SYNTHETIC, "schedule.epochs=1", "schedule.warmup_epochs=0", "train.figure_channels=[3,4,5]")
     derived = yaml.safe_load((run / "config.yaml").read_text())["derived"]
     assert derived["img_size"] == [32, 48]
     with Image.open(run / "reconstruction.png") as figure:
         assert figure.format == "PNG"
     ckpt = next((run / "checkpoints").iterdir())
-    cli("knn", f"output_dir={tmp_path / 'knn'}", f"encoder.ckpt={ckpt}", "encoder.img_size=[48,32]", *SYNTHETIC)
+    run_maescale("knn", f"output_dir={tmp_path / 'knn'}", f"encoder.ckpt={ckpt}", "encoder.img_size=[48,32]",
+                 *SYNTHETIC)
     [row] = [r for r in read_metrics(tmp_path / "knn") if r["protocol"] == "knn"]
     assert 0 <= row["top1"] <= row["top5"] <= 100
-    cli("finetune", f"output_dir={tmp_path / 'ft'}", f"encoder.ckpt={ckpt}", "finetune.img_size=[32,32]",
-        "finetune.max_steps=2", *SYNTHETIC)
+    run_maescale("finetune", f"output_dir={tmp_path / 'ft'}", f"encoder.ckpt={ckpt}", "finetune.img_size=[32,32]",
+                 "finetune.max_steps=2", *SYNTHETIC)
     from safetensors import safe_open
 
     with safe_open(str(Path(tmp_path / "ft" / "finetuned.safetensors")), "pt") as handle:
