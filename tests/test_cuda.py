@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_distributed import free_port
+from processes import free_port
 
 from maescale import parallel
 from maescale.data import Batch

@@ -5,15 +5,14 @@ test_zero_resume.py)."""
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from processes import free_port, run_ranks
 from safetensors.torch import load_file
 
 from maescale import checkpoint
@@ -33,65 +32,32 @@ COMMON = [
 KNN_MONITOR = ["monitor.knn_every=3", "monitor.bank_images=128", "monitor.val_images=64"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(
     out: Path, nproc: int, *overrides: str, steps: int = 6, launcher: str = "ranks"
 ) -> subprocess.CompletedProcess:
     """`maescale pretrain` on `nproc` processes with the same global batch; returns the finished process.
 
-    `launcher`: "ranks" starts the processes with the env:// variables set, as srun does; "torchrun"
-    and "accelerate" go through those launchers (each costs a process importing torch first).
+    `launcher`: "ranks" forks the processes with the env:// variables set, as srun sets them
+    (processes.run_ranks); "torchrun" and "accelerate" exec those launchers (each costs a process
+    importing torch first, and every rank's own imports).
     """
     args = [*COMMON, f"output_dir={out}", f"data.batch_size={GLOBAL_BATCH // nproc}", f"train.max_steps={steps}",
             *overrides]
-    command = [sys.executable, "-m", "maescale"]
-    if nproc > 1 and launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   f"--master_port={free_port()}", "-m", "maescale"]
-    elif nproc > 1 and launcher == "accelerate":  # the documented way, with a config from configs/accelerate
-        command = [sys.executable, "-m", "accelerate.commands.launch",
-                   "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
-                   "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "maescale"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if nproc > 1 and launcher == "ranks":
-        result = run_ranks([*command, "pretrain", *args], nproc, env, timeout=300)
+    if launcher == "ranks" or nproc == 1:
+        result = run_ranks(["pretrain", *args], nproc, env, REPO, timeout=300)
     else:
-        result = subprocess.run([*command, "pretrain", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=300)
+        launch = {
+            "torchrun": ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"],
+            # the documented way, with a config from configs/accelerate
+            "accelerate": ["-m", "accelerate.commands.launch", "--config_file",
+                           str(REPO / "configs/accelerate/cpu.yaml"), "--num_processes", str(nproc),
+                           "--main_process_port", str(free_port())],
+        }[launcher]
+        result = subprocess.run([sys.executable, *launch, "-m", "maescale", "pretrain", *args], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
-
-
-def run_ranks(command: list[str], nproc: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """`command` as ranks 0..nproc-1 of one job on this node; stops them all when one fails or the
-    time runs out. stdout and stderr are the ranks' in rank order, like a launcher's."""
-    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
-                  "LOCAL_WORLD_SIZE": str(nproc)}
-    with tempfile.TemporaryDirectory() as logs:
-        files = [(open(Path(logs) / f"{r}.out", "w+"), open(Path(logs) / f"{r}.err", "w+")) for r in range(nproc)]
-        ranks = [
-            subprocess.Popen(command, cwd=REPO, env={**env, **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)},
-                             stdout=out, stderr=err, text=True)
-            for r, (out, err) in enumerate(files)
-        ]
-        deadline = time.time() + timeout
-        while any(rank.poll() is None for rank in ranks):
-            if time.time() > deadline or any(rank.returncode for rank in ranks):
-                for rank in ranks:
-                    rank.kill()
-            time.sleep(0.05)
-        texts = []
-        for out, err in files:
-            out.seek(0), err.seek(0)
-            texts.append((out.read(), err.read()))
-            out.close(), err.close()
-    code = next((rank.returncode for rank in ranks if rank.returncode), 0)
-    return subprocess.CompletedProcess(command, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
 
 
 def losses(out: Path) -> list[float]:

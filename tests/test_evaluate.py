@@ -2,7 +2,6 @@
 through the CLI (one and two processes), plus a CIFAR-10 pipeline check when ../shared/data is there."""
 
 import os
-import sys
 import tarfile
 from collections import Counter
 from dataclasses import replace
@@ -12,6 +11,7 @@ import pytest
 import torch
 from conftest import maescale_printed
 from PIL import Image
+from processes import run_ranks
 
 from maescale import parallel
 from maescale.config import ConfigError, load_config
@@ -37,10 +37,8 @@ def cli(*args: str, nproc: int = 1) -> str:
     """`maescale ...` in this process, or on `nproc` processes; returns what it printed."""
     if nproc == 1:
         return maescale_printed(*args)
-    from test_distributed import run_ranks
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = run_ranks([sys.executable, "-m", "maescale", *args], nproc, env, timeout=300)
+    result = run_ranks(list(args), nproc, env, REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BAD_FILES, TINY_RUN, run_maescale, write_mixed_image_folder
-from test_distributed import COMMON, REPO, free_port, worker_with_rank
+from processes import free_port
+from test_distributed import COMMON, REPO, worker_with_rank
 
 from maescale import checkpoint
 from maescale.config import load_config

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_distributed import run_ranks
+from processes import run_ranks
 
 from maescale.data.ffcv_compat import ffcv_available, group_operations
 from maescale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -270,8 +270,9 @@ def test_ffcv_config_errors_name_the_key(tmp_path, written):
 def test_two_gloo_ranks_split_an_epoch_without_overlap(written, tmp_path):
     out = tmp_path / "ranks.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO / "tests" / "ffcv_rank_worker.py"), str(written[0]), str(out)]
-    result = run_ranks(command, 2, env, timeout=400)
+    # Its own script, exec'd: importing FFCV compiles numba code, which only these ranks need.
+    result = run_ranks([written[0], out], 2, env, REPO, timeout=400,
+                       command=[sys.executable, str(REPO / "tests" / "ffcv_rank_worker.py")])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     ranks = json.loads(out.read_text())
     count, batch = GRADIENTS + PHOTOS + 1, 4

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import free_port
+from processes import FORKSERVER, free_port
 
 from maescale import parallel
 from maescale.config import ConfigError, load_config
@@ -132,9 +132,8 @@ def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, queue) -
 @pytest.mark.parametrize("replicate", [1, 2], ids=["fsdp", "hsdp_2x1"])
 def test_sharded_clip_and_adamw_match_whole_tensors_on_two_processes(replicate):
     port = free_port()
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    mp.start_processes(_sharded_vs_whole, args=(2, port, replicate, queue), nprocs=2, start_method="spawn")
+    queue = FORKSERVER.Queue()
+    mp.start_processes(_sharded_vs_whole, args=(2, port, replicate, queue), nprocs=2, start_method="forkserver")
     norms, worst = queue.get(timeout=10)
     for ours, reference in norms:
         assert ours == pytest.approx(reference, rel=1e-5)

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_distributed import free_port
+from processes import FORKSERVER, free_port
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from maescale.metrics import mae_train_flops_per_image
@@ -131,9 +131,9 @@ def _sharded_build_worker(rank: int, world: int, port: int, overrides: list[str]
     pytest.param(["parallel.strategy=deepspeed", "parallel.zero_stage=3"], id="zero3", marks=pytest.mark.deepspeed),
 ])
 def test_sharded_construction_equals_a_single_process_build_bit_for_bit(overrides):
-    queue = mp.get_context("spawn").Queue()
+    queue = FORKSERVER.Queue()
     mp.start_processes(_sharded_build_worker, args=(2, free_port(), overrides, queue), nprocs=2,
-                       start_method="spawn")
+                       start_method="forkserver")
     held, unequal, count = queue.get(timeout=10)
     assert count == len(list(build_model("mae_vit_micro_patch4").parameters()))
     assert unequal == []
