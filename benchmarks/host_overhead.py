@@ -347,13 +347,11 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
 
 
 def run_world(world: int, args) -> list[dict]:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from maescale.parallel import free_port
+
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rows.json")
         mp.start_processes(worker, args=(world, port, args, out), nprocs=world, start_method="spawn")

@@ -73,21 +73,17 @@ def resident_kib(field: str) -> int:
 
 
 def parameters_held(model) -> int:
-    from torch.distributed.tensor import DTensor
+    """Bytes of the weights stored here (a DTensor's shard, a ZeRO-3 partition)."""
+    from maescale.shards import local_tensor
 
-    total = 0
-    for p in model.parameters():
-        if hasattr(p, "ds_tensor"):  # ZeRO-3 keeps only its partition
-            p = p.ds_tensor
-        elif isinstance(p, DTensor):
-            p = p.to_local()
-        total += p.numel() * p.element_size()
-    return total
+    return sum(local_tensor(p).nbytes for p in model.parameters())
 
 
 def full_fp32_bytes(model) -> int:
-    """The whole model in fp32 (a DTensor counts its global size, a ZeRO-3 parameter its ds_numel)."""
-    return 4 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    """The whole model in fp32, also when sharded."""
+    from maescale.shards import full_shape
+
+    return 4 * sum(full_shape(p).numel() for p in model.parameters())
 
 
 def measure(model_name: str, strategy: str, construction_only: bool = False) -> dict[str, int]:

@@ -50,6 +50,12 @@ def silence_uninformative_warnings() -> None:
     # FSDP2 on every step: a Linear's 3-D output is a view of its 2-D matmul. The warning is about
     # in-place ops on such outputs, which maescale never does.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    # DeepSpeed's ZeRO-3 gathers and reduces through torch's older collective names, several
+    # times a step; the call sites are DeepSpeed's, nothing a user can change.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
 
 
 def check_extras(cfg) -> None:

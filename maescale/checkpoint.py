@@ -46,7 +46,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .errors import CheckpointError
-from .parallel import any_process, full_shape, is_deepspeed
+from .parallel import any_process, is_deepspeed
+from .shards import full_shape
 
 # What a failed read or write can raise; torch.distributed.checkpoint's error derives from
 # BaseException, so `except Exception` alone would let it through.

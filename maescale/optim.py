@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim.adam import adam
 
 from .config import Config
-from .parallel import full_shape, local_tensor
+from .shards import full_shape, local_tensor
 
 
 def effective_batch(cfg: Config, world_size: int) -> int:

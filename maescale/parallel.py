@@ -17,6 +17,7 @@ the requested strategy is not the one running.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from .config import Config
 from .errors import StrategyError
+from .shards import local_fraction, local_tensor
 
 # A rank that dies leaves the others blocked in a collective; they give up after this.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -101,7 +103,6 @@ def deepspeed_config(cfg: Config) -> dict:
         "gradient_clipping": cfg.optim.clip_grad or 0.0,
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
-            "stage3_gather_16bit_weights_on_model_save": True,
             # Partition every parameter, small ones included, so ZeRO-3 really shards (and is testable).
             "stage3_param_persistence_threshold": 0,
             "reduce_bucket_size": bucket,
@@ -151,16 +152,18 @@ def _deepspeed_workarounds(on_cpu: bool) -> None:
     DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a local rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _single_process_rendezvous() -> None:
     """Without a launcher, DeepSpeed looks for MPI to find its peers; describe a group of one."""
     if "WORLD_SIZE" in os.environ:
         return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def start_process_group_of_one(device: torch.device) -> None:
@@ -356,16 +359,6 @@ def _sum_over_shards(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return on_mesh.to(value.device)
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The part of `tensor` this process stores: a DTensor's local shard, else the tensor itself."""
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
-
-
-def full_shape(param: torch.Tensor) -> torch.Size:
-    """A parameter's whole shape, also under ZeRO-3, where the tensor itself is an empty placeholder."""
-    return getattr(param, "ds_shape", param.shape)
-
-
 def shard_group(tensor: torch.Tensor):
     """The process group across which a DTensor is sharded (None for a whole tensor): its
     local pieces add up to the whole there; across a replicate dimension they are copies."""
@@ -413,22 +406,15 @@ def _check_deepspeed(model: nn.Module, cfg: Config, accelerator: Accelerator) ->
             f"parallel.strategy=deepspeed (ZeRO-{stage}) on {launched_processes()} process(es) requested, but "
             f"Accelerate runs {accelerator.distributed_type.value} on {world}"
         )
-    if stage == 3:
-        params = list(model.parameters())
-        held = sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
-    else:
-        held = 1.0
     return (
         f"deepspeed on {world} process(es) ({_placement(accelerator)}), ZeRO-{stage}, "
-        f"{100 * held:.1f}% of the parameters held here"
+        f"{100 * local_parameter_fraction(model):.1f}% of the parameters held here"
     )
 
 
 def local_parameter_fraction(model: nn.Module) -> float:
     """Share of the model's parameter elements stored by this process (1.0 unless sharded)."""
-    params = list(model.parameters())
-    local = sum(local_tensor(p).numel() for p in params)
-    return local / sum(p.numel() for p in params)
+    return local_fraction(list(model.parameters()))
 
 
 def mean_across_processes(value: torch.Tensor) -> torch.Tensor:

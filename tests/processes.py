@@ -10,24 +10,19 @@ launchers (torchrun, accelerate launch, sbatch/srun) keep tests of their own tha
 
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from maescale.parallel import free_port
+
 # The modules every maescale command imports (the trainer pulls in torch, torchvision, timm,
 # accelerate and torch.distributed's checkpointing and tensors).
 PRELOAD = ["maescale.__main__", "maescale.train"]
 FORKSERVER = multiprocessing.get_context("forkserver")
 FORKSERVER.set_forkserver_preload(PRELOAD)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _maescale_main(args: list[str], env: dict, cwd: str, stdout: str, stderr: str) -> None:

@@ -60,6 +60,7 @@ def _user_exists(name: str) -> bool:
 
 
 def _free_port() -> int:
+    # Not maescale.parallel.free_port: this file also runs as a script, which should not import torch.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -117,6 +117,7 @@ def test_two_processes_match_one(tmp_path, single, name, overrides, tolerance):
     # hold every parameter (ZeRO-1/2 partition optimizer state and gradients).
     sharded = name.startswith("fsdp2") or name.startswith("zero3")
     assert (45 <= float(held.group(2)) < 60) if sharded else float(held.group(2)) == 100.0
+    assert "Warning" not in result.stderr, result.stderr[-3000:]  # uninformative ones are silenced
     assert losses(out) == pytest.approx(losses(single), rel=tolerance)
     # The kNN monitor encodes through the sharded model (steps 3 and 6): same accuracies in fp32.
     assert [row[0] for row in knn_rows(out)] == [3, 6]

@@ -114,8 +114,7 @@ def _sharded_build_worker(rank: int, world: int, port: int, overrides: list[str]
     accelerator = parallel.build_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     model = parallel.build_model(lambda: model_from_config(cfg), cfg, accelerator)
-    held = parallel.local_parameter_fraction(model) if cfg.parallel.strategy == "fsdp2" else (
-        sum(p.ds_tensor.numel() for p in model.parameters()) / sum(p.ds_numel for p in model.parameters()))
+    held = parallel.local_parameter_fraction(model)
     sharded = _full_parameters(model)
     torch.manual_seed(cfg.seed)
     single = build_model("mae_vit_micro_patch4").state_dict(keep_vars=True)

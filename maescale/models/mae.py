@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
+from ..shards import full_shape
 from ..sizes import image_hw
 from .pos_embed import get_2d_sincos_pos_embed
 
@@ -351,8 +352,7 @@ class MaskedAutoencoderViT(nn.Module):
         """The initial value of parameter ``name``, whole, float32, on the CPU: a pure function
         of ``(self.init_seed, name)``."""
         param = self.get_parameter(name)
-        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 parameter keeps its shape aside
-        return self._fill_initial(name, torch.empty(shape, dtype=torch.float32, device="cpu"))
+        return self._fill_initial(name, torch.empty(full_shape(param), dtype=torch.float32, device="cpu"))
 
     def _fill_initial(self, name: str, out: Tensor) -> Tensor:
         """Write parameter ``name``'s initial value into ``out`` (its full shape) and return it."""
