@@ -20,12 +20,18 @@ Each step is cut into forward, backward, gradient clipping and optimizer step (+
 `train_step` is the trainer's step function (maescale/train.py) on the same batch, and
 `hand-off` what it adds to those phases (host-to-device copy, mask noise, accumulation).
 ZeRO clips and steps inside `engine.step()` (shown under optimizer); its reduction runs in
-backward. "per unit" is (candidate - plain) / FSDP units, at world size 1.
+backward. "per unit" is (candidate - plain) / FSDP units, at world size 1. "page faults/step"
+counts the pages the step touched fresh from the kernel: memory that glibc returned when it was
+freed and maps again, a CPU cost that a GPU's caching allocator does not have (run with
+MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 to keep freed memory instead).
 
 --trainer times instead the trainer's own loop (maescale.train.Trainer on synthetic data,
 logging every 10 steps, a loader worker) against the bare step on the same model, optimizer
 and batch size, for each of --trainer-strategies, in interleaved rounds: "bare / trainer" is
 the share of the bare step's speed the trainer keeps.
+
+--op-profile lists, per candidate, the ops (kernels and copies, with their input shapes) that
+take the most own CPU time per step under torch.profiler.
 
 --profile adds, per candidate, the CPU time of a few more steps under cProfile split by where
 it is spent (FSDP2 hooks, DTensor, optimizer Python, DeepSpeed, autograd engine, ...), so
@@ -39,6 +45,7 @@ import cProfile
 import json
 import os
 import pstats
+import resource
 import statistics
 import sys
 import tempfile
@@ -97,6 +104,7 @@ class Candidate:
     units: int = 0  # FSDP units
     train_step: Callable[[], object] | None = None
     times: dict[str, list[float]] = field(default_factory=dict)
+    faults: list[float] = field(default_factory=list)  # minor page faults per step, each round
 
     def step(self, clock=time.process_time) -> list[float]:
         marks = [clock()]
@@ -208,6 +216,13 @@ def build_candidates(args, model_name: str, batch: int, accelerator) -> list[Can
     return candidates
 
 
+def minor_page_faults() -> int:
+    """Pages this process has touched for the first time since it mapped them: a CPU allocator
+    that gives freed buffers back to the kernel pays one per 4 KiB page when they return (CUDA's
+    caching allocator keeps them), so a strategy that frees and reallocates per step shows here."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(fn: Callable[[], object], steps: int) -> float:
     start = time.process_time()
     for _ in range(steps):
@@ -226,7 +241,9 @@ def measure(candidates: list[Candidate], args) -> None:
     for r in range(args.rounds):
         order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]
         for c in order:
+            faults = minor_page_faults()
             per_step = [c.step() for _ in range(args.steps)]
+            c.faults.append((minor_page_faults() - faults) / args.steps)
             for phase, values in zip(PHASES, zip(*per_step)):
                 c.times[phase].append(statistics.fmean(values))
             if c.train_step:
@@ -250,6 +267,20 @@ def profile(candidate: Candidate, steps: int) -> dict[str, float]:
     return dict(sorted(areas.items(), key=lambda item: -item[1]))
 
 
+def op_profile(candidate: Candidate, steps: int, top: int = 8) -> list[dict]:
+    """The ops with the most own CPU time per step (torch.profiler), by name and input shapes:
+    which kernels and copies a strategy adds, where cProfile sees only "kernels (C++)"."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            candidate.step()
+    ops = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [{"op": e.key, "shapes": str(e.input_shapes), "ms": e.self_cpu_time_total / 1000 / steps,
+             "calls": e.count / steps} for e in ops]
+
+
 def result_rows(candidates: list[Candidate], model_name: str, batch: int, world: int, args) -> list[dict]:
     medians = {c.name: {phase: 1000 * statistics.median(t) for phase, t in c.times.items() if t} for c in candidates}
     totals = {name: sum(m[p] for p in PHASES) for name, m in medians.items()}
@@ -261,11 +292,13 @@ def result_rows(candidates: list[Candidate], model_name: str, batch: int, world:
             "model": model_name, "batch": batch, "world": world, "candidate": c.name, **{p: m[p] for p in PHASES},
             "step": totals[c.name], "vs_reference": totals[c.name] / reference,
             "reference": "plain" if "plain" in totals else "ddp", "units": c.units,
-            "train_step": m.get("train_step"),
+            "train_step": m.get("train_step"), "faults": statistics.median(c.faults),
             "per_unit": (totals[c.name] - totals["plain"]) / c.units if c.units and "plain" in totals else None,
         }
         if args.profile:
             row["profile"] = profile(c, args.profile_steps)
+        if args.op_profile:
+            row["ops"] = op_profile(c, args.profile_steps)
         rows.append(row)
     return rows
 
@@ -359,7 +392,7 @@ def run_world(world: int, args) -> list[dict]:
 
 
 HEADER = ("| model | batch | world | candidate | forward | backward | clip | optimizer | step ms | vs ref | "
-          "units | per unit ms | train_step | hand-off |")
+          "units | per unit ms | train_step | hand-off | page faults/step |")
 
 
 def table_row(r: dict) -> str:
@@ -368,7 +401,8 @@ def table_row(r: dict) -> str:
     hand_off = f"{r['train_step'] - r['step']:+.2f}" if r["train_step"] is not None else "-"
     return (f"| {r['model']} | {r['batch']} | {r['world']} | {r['candidate']} | {r['forward']:.2f} | "
             f"{r['backward']:.2f} | {r['clip']:.2f} | {r['optimizer']:.2f} | {r['step']:.2f} | "
-            f"{r['vs_reference']:.2f}x {r['reference']} | {r['units'] or '-'} | {per_unit} | {train} | {hand_off} |")
+            f"{r['vs_reference']:.2f}x {r['reference']} | {r['units'] or '-'} | {per_unit} | {train} | {hand_off} | "
+            f"{r['faults']:.0f} |")
 
 
 TRAINER_HEADER = "| model | batch | world | strategy | trainer ms/step | bare ms/step | bare / trainer | per round |"
@@ -388,6 +422,14 @@ def profile_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def op_profile_lines(rows: list[dict]) -> list[str]:
+    lines = ["", "Ops with the most own CPU time per step (torch.profiler; ms, calls per step, input shapes):", ""]
+    for r in rows:
+        ops = "; ".join(f"{o['op']} {o['shapes']} {o['ms']:.2f} ms x{o['calls']:g}" for o in r["ops"])
+        lines.append(f"- {r['model']} b{r['batch']} w{r['world']} {r['candidate']}: {ops}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mae_vit_micro_patch4", "mae_vit_tiny_patch4"])
@@ -399,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first")
     parser.add_argument("--clip", type=float, default=1.0, help="optim.clip_grad (the large-model recipes clip)")
     parser.add_argument("--profile", action="store_true", help="break each candidate's time down by area")
+    parser.add_argument("--op-profile", action="store_true", help="the ops (kernels, copies) each candidate spends on")
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--trainer", action="store_true",
                         help="time the trainer's loop against the bare step instead (--trainer-strategies)")
@@ -418,6 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [header, "|---" * (header.count("|") - 1) + "|", *map(to_row, rows)]
     if args.profile:
         lines += profile_lines(rows)
+    if args.op_profile:
+        lines += op_profile_lines(rows)
     print("\n".join(lines), flush=True)
     if args.jsonl:
         with open(args.jsonl, "a") as f:

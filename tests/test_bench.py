@@ -272,7 +272,7 @@ def test_host_overhead_breaks_steps_down_for_every_strategy(tmp_path):
     common = ["--models", MICRO, "--batch-sizes", "2", "--rounds", "1", "--steps", "1", "--warmup", "1",
               "--jsonl", str(rows_file)]
     _script("benchmarks/host_overhead.py", *common, "--world-sizes", "1", "2", "--profile", "--profile-steps", "1",
-            "--candidates", "plain", "ddp", "fsdp2_before", "fsdp2")
+            "--op-profile", "--candidates", "plain", "ddp", "fsdp2_before", "fsdp2")
     _script("benchmarks/host_overhead.py", *common, "--world-sizes", "2", "--trainer", "--trainer-steps", "2",
             "--trainer-workers", "0")
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
@@ -281,10 +281,21 @@ def test_host_overhead_breaks_steps_down_for_every_strategy(tmp_path):
                           (2, "fsdp2")}
     for row in steps.values():
         assert row["step"] == pytest.approx(sum(row[p] for p in ("forward", "backward", "clip", "optimizer")))
+        assert row["faults"] >= 0
     # micro: 2 encoder blocks, 1 decoder block, the root: 3 units grouped (blocks_per_unit=4), 4 one per block
     assert steps[(1, "fsdp2")]["units"] == 3 and steps[(1, "fsdp2_before")]["units"] == 4
     assert steps[(1, "fsdp2")]["profile"]["FSDP2"] > 0 and "FSDP2" not in steps[(1, "plain")]["profile"]
     assert steps[(1, "fsdp2_before")]["profile"]["DTensor"] > steps[(1, "fsdp2")]["profile"].get("DTensor", 0)
+    ops = steps[(1, "plain")]["ops"]
+    assert len(ops) == 8 and all(op["ms"] > 0 and op["calls"] > 0 for op in ops)
+    assert any(op["op"].startswith("aten::") and op["shapes"] != "[]" for op in ops)  # kernels, with shapes
     trainer = [r for r in rows if "strategy" in r]
     assert [(r["world"], r["strategy"]) for r in trainer] == [(2, "ddp"), (2, "fsdp2")]
     assert all(r["trainer_ms"] > 0 and r["bare_ms"] > 0 for r in trainer)
+
+
+def test_fsdp2_copies_times_one_units_three_copies():
+    out = _script("benchmarks/fsdp2_copies.py", "--model", MICRO, "--blocks", "2", "--repeats", "2").stdout
+    assert out.startswith(f"{MICRO}, 2 blocks: 24 tensors")  # 12 parameters per timm Block
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 3 and all(float(row[2]) > 0 for row in rows)
