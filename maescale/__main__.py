@@ -99,7 +99,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from .errors import ConfigError
-    from .interop import import_hf, import_official
+    from .hf_interop import import_hf
+    from .interop import import_official
 
     if os.path.isdir(args.weights):
         path = import_hf(args.weights, args.out, config=args.config, model_name=args.model)

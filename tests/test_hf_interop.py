@@ -19,7 +19,7 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 
 from maescale.checkpoint import load_model_weights  # noqa: E402
 from maescale.config import ConfigError, load_config  # noqa: E402
-from maescale.interop import export_hf, from_hf_state, load_hf_model, to_hf_state  # noqa: E402
+from maescale.hf_interop import export_hf, from_hf_state, load_hf_model, to_hf_state  # noqa: E402
 from maescale.models import build_model  # noqa: E402
 
 MICRO = "mae_vit_micro_patch4"
