@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from host_overhead import timed  # noqa: E402  (the same CPU-time clock as --op-profile's step)
+
 from maescale.models import build_model  # noqa: E402
-
-
-def cpu_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.process_time()
-    for _ in range(repeats):
-        fn()
-    return (time.process_time() - start) / repeats * 1000
 
 
 def main() -> None:
@@ -53,7 +45,8 @@ def main() -> None:
     print(f"{args.model}, {args.blocks} blocks: {len(params)} tensors, {total * 4 / 1e6:.1f} MB fp32")
     print("| copy | ms | GB/s (read + write) |\n|---|---|---|")
     for label, fn in rows.items():
-        ms = cpu_ms(fn, args.repeats)
+        timed(fn, 3)  # warm-up
+        ms = 1000 * timed(fn, args.repeats)
         print(f"| {label} | {ms:.3f} | {2 * total * 4 / ms / 1e6:.1f} |")
 
 
