@@ -299,3 +299,30 @@ def test_fsdp2_copies_times_one_units_three_copies():
     assert out.startswith(f"{MICRO}, 2 blocks: 24 tensors")  # 12 parameters per timm Block
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 3 and all(float(row[2]) > 0 for row in rows)
+
+
+def test_host_allocator_runs_the_trainer_under_each_allocator():
+    out = _script("benchmarks/host_allocator.py", "--allocators", "glibc", "glibc_mmap_128k", "--steps", "2",
+                  "--rounds", "1", "--threads", "1", "--", f"model.name={MICRO}", "data.batch_size=8",
+                  "data.synthetic_size=64", "data.num_workers=0").stdout
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[1].strip() for row in rows] == ["glibc", "glibc_mmap_128k"]
+    assert rows[0][3].strip() == "1.00x" and all(float(row[6]) > 100 for row in rows)  # peak RSS MiB
+
+
+def test_host_allocator_preloads_by_full_path_or_skips(monkeypatch, capsys):
+    import host_allocator
+
+    monkeypatch.setitem(host_allocator.ALLOCATORS, "absent", {"LD_PRELOAD": "libnot-installed.so.0"})
+    assert host_allocator.allocator_env("absent") is None
+    assert host_allocator.allocator_env("glibc_mmap_128k") == {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    args = host_allocator.argparse.Namespace(allocators=["absent"], rounds=1)
+    with pytest.raises(SystemExit, match="none of the allocators asked for is installed"):
+        host_allocator.measure(args)
+    assert "skipping absent: libnot-installed.so.0 is not installed" in capsys.readouterr().err
+    # zlib (on every Debian, not loaded by a bare interpreter) stands in for jemalloc / tcmalloc
+    monkeypatch.setitem(host_allocator.ALLOCATORS, "zlib", {"LD_PRELOAD": "libz.so.1"})
+    preload = host_allocator.allocator_env("zlib")
+    maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"],
+                          env={**os.environ, **preload}, capture_output=True, text=True, check=True).stdout
+    assert Path(preload["LD_PRELOAD"]).is_absolute() and preload["LD_PRELOAD"] in maps
