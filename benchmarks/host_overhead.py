@@ -60,9 +60,12 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from maescale import parallel  # noqa: E402
+from maescale.__main__ import silence_uninformative_warnings  # noqa: E402
 from maescale.config import load_config  # noqa: E402
 from maescale.models import build_model  # noqa: E402
 from maescale.optim import build_optimizer  # noqa: E402
+
+silence_uninformative_warnings()  # the trainer's filters, in every rank that imports this module
 
 PHASES = ("forward", "backward", "clip", "optimizer")
 # FSDP2 cuts other than the trainer's own ("fsdp2"), to measure the choices against.
