@@ -60,12 +60,18 @@ def pretrain_command(args: argparse.Namespace, output_dir: str) -> list[str]:
             "train.log_every=1000000", *args.overrides]
 
 
+def run_env(env_extra: dict[str, str], threads: int) -> dict[str, str]:
+    """This process's environment with one allocator's settings instead of the caller's own
+    (which would otherwise leak into every row, the glibc one included)."""
+    inherited = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
+    return {**inherited, **env_extra, "OMP_NUM_THREADS": str(threads)}
+
+
 def run_once(args: argparse.Namespace, env_extra: dict[str, str]) -> dict[str, float]:
     """One run in a fresh process tree; its resources come from wait4 (the tree's reaped processes)."""
     with tempfile.TemporaryDirectory() as output_dir:
-        env = {**os.environ, **env_extra, "OMP_NUM_THREADS": str(args.threads)}
         start = time.perf_counter()
-        proc = subprocess.Popen(pretrain_command(args, output_dir), cwd=REPO, env=env,
+        proc = subprocess.Popen(pretrain_command(args, output_dir), cwd=REPO, env=run_env(env_extra, args.threads),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         stderr = proc.stderr.read()
         _, status, usage = os.wait4(proc.pid, 0)

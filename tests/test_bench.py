@@ -310,7 +310,7 @@ def test_host_allocator_runs_the_trainer_under_each_allocator():
     assert rows[0][3].strip() == "1.00x" and all(float(row[6]) > 100 for row in rows)  # peak RSS MiB
 
 
-def test_host_allocator_preloads_by_full_path_or_skips(monkeypatch, capsys):
+def test_host_allocator_env_is_the_allocators_own_with_a_full_preload_path(monkeypatch, capsys):
     import host_allocator
 
     monkeypatch.setitem(host_allocator.ALLOCATORS, "absent", {"LD_PRELOAD": "libnot-installed.so.0"})
@@ -320,6 +320,11 @@ def test_host_allocator_preloads_by_full_path_or_skips(monkeypatch, capsys):
     with pytest.raises(SystemExit, match="none of the allocators asked for is installed"):
         host_allocator.measure(args)
     assert "skipping absent: libnot-installed.so.0 is not installed" in capsys.readouterr().err
+    monkeypatch.setenv("LD_PRELOAD", "/caller/libother.so")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    env = host_allocator.run_env({"MALLOC_MMAP_THRESHOLD_": "131072"}, threads=1)
+    assert "LD_PRELOAD" not in env and "MALLOC_ARENA_MAX" not in env and env["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    monkeypatch.delenv("LD_PRELOAD")
     # zlib (on every Debian, not loaded by a bare interpreter) stands in for jemalloc / tcmalloc
     monkeypatch.setitem(host_allocator.ALLOCATORS, "zlib", {"LD_PRELOAD": "libz.so.1"})
     preload = host_allocator.allocator_env("zlib")
