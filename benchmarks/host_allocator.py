@@ -1,8 +1,8 @@
 """What the host's memory allocator costs and saves: one trainer run under each, interleaved.
 
     python benchmarks/host_allocator.py --allocators glibc glibc_mmap_128k jemalloc tcmalloc --rounds 2
-    python benchmarks/host_allocator.py --nproc 2 -- model.name=mae_vit_base_patch16 \
-        parallel.strategy=deepspeed parallel.zero_stage=3 data.batch_size=2 train.max_steps=4
+    python benchmarks/host_allocator.py --nproc 2 --threads 1 --steps 4 -- model.name=mae_vit_base_patch16 \
+        parallel.strategy=deepspeed parallel.zero_stage=3 data.batch_size=2 data.num_workers=0
 
 PyTorch allocates CPU tensors with the C library's malloc and frees them at once (no caching
 allocator, unlike CUDA). glibc keeps freed heap memory resident, so a run that frees and
