@@ -9,9 +9,14 @@ For each world size, every process builds every candidate on the same weights an
   ddp           DistributedDataParallel, as the trainer wraps it
   fsdp2_before  FSDP2 as maescale sharded it before: every block a unit, every unit resharded
                 after forward, torch's AdamW and clip_grad_norm_ on the DTensors
-  fsdp2_reshard, fsdp2_1_block, fsdp2_2_blocks
-                the trainer's cut with one choice changed (FSDP2_VARIANTS)
+  fsdp2_reshard, fsdp2_1_block, fsdp2_2_blocks, fsdp2_prefetch
+                the trainer's cut with one choice changed (FSDP2_VARIANTS; fsdp2_prefetch adds
+                FSDP2's explicit forward prefetch, each unit gathering the next)
   fsdp2         FSDP2 as the trainer shards it now (maescale/parallel.py, maescale/optim.py)
+  plain_compiled, fsdp2_compiled, fsdp2_compiled_dynamic, fsdp2_compiled_whole
+                under torch.compile: the plain model whole (the reference of the others);
+                FSDP2 with each block compiled as under train.compile=true (static shapes), as
+                before (dynamo's default dynamic=None), or the whole model compiled before sharding
   zero2, zero3  DeepSpeed ZeRO through its engine, with maescale's DeepSpeed config
 
 and times them in rounds that alternate the candidates (the order rotates every round), with
@@ -24,6 +29,9 @@ backward. "per unit" is (candidate - plain) / FSDP units, at world size 1. "page
 counts the pages the step touched fresh from the kernel: memory that glibc returned when it was
 freed and maps again, a CPU cost that a GPU's caching allocator does not have (run with
 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 to keep freed memory instead).
+
+--clock wall times elapsed instead of CPU time: what shows a collective overlapping compute
+(e.g. a prefetched all-gather), on a machine that runs nothing else.
 
 --trainer times instead the trainer's own loop (maescale.train.Trainer on synthetic data,
 logging every 10 steps, a loader worker) against the bare step on the same model, optimizer
@@ -75,8 +83,14 @@ FSDP2_VARIANTS = {
     "fsdp2_reshard": parallel.FSDP2Options(reshard_after_forward=True),
     "fsdp2_1_block": parallel.FSDP2Options(blocks_per_unit=1),
     "fsdp2_2_blocks": parallel.FSDP2Options(blocks_per_unit=2),
+    "fsdp2_prefetch": parallel.FSDP2Options(forward_prefetch=True),
 }
-CANDIDATES = ("plain", "ddp", *FSDP2_VARIANTS, "fsdp2", "zero2", "zero3")
+# torch.compile: the whole model (plain, as the trainer compiles it unsharded; fsdp2_compiled_whole,
+# compiled before sharding, FSDP2's hooks inside the compiled call) or each block before sharding
+# (fsdp2_compiled, what parallelize does under train.compile=true).
+# fsdp2_compiled_dynamic: per block with dynamo's default dynamic=None, as maescale compiled before.
+COMPILED = ("plain_compiled", "fsdp2_compiled", "fsdp2_compiled_dynamic", "fsdp2_compiled_whole")
+CANDIDATES = ("plain", "ddp", *FSDP2_VARIANTS, "fsdp2", *COMPILED, "zero2", "zero3")
 PROFILE_AREAS = (  # first match wins: (label, substring of the function's file or name)
     ("FSDP2", "distributed/fsdp"),
     ("FSDP2", "_fsdp"),
@@ -154,7 +168,7 @@ def build_torch_candidate(name: str, args, model_name: str, batch: int, images, 
 
     world = dist.get_world_size()
     cfg = config(args, model_name, batch, "fsdp2" if name.startswith("fsdp2") else "ddp")
-    model = fresh_model(model_name)
+    model = compiled_as(name, fresh_model(model_name))
     units = 0
     if name.startswith("fsdp2"):
         options = FSDP2_VARIANTS.get(name) or parallel.fsdp2_options(cfg)
@@ -170,6 +184,15 @@ def build_torch_candidate(name: str, args, model_name: str, batch: int, images, 
         batches = [Batch(images, labels, (), torch.arange(len(images)))]
         candidate.train_step = lambda: train_step(model, optimizer, accelerator, batches, noise.shape[1], args.clip)
     return candidate
+
+
+def compiled_as(name: str, model: torch.nn.Module) -> torch.nn.Module:
+    """The model compiled the way candidate `name` is (in place; unchanged if not compiled)."""
+    if name in ("fsdp2_compiled", "fsdp2_compiled_dynamic"):
+        parallel.compile_blocks(model, dynamic=None if name.endswith("dynamic") else False)
+    elif name in COMPILED:
+        model.compile()
+    return model
 
 
 def fsdp_units(model: torch.nn.Module) -> int:
@@ -204,13 +227,13 @@ def build_candidates(args, model_name: str, batch: int, accelerator) -> list[Can
     images = torch.randn(batch, probe.in_chans, *probe.img_size)
     noise = torch.rand(batch, probe.num_patches)
     world = dist.get_world_size()
-    names = [n for n in args.candidates if not (n == "plain" and world > 1)]
+    names = [n for n in args.candidates if not (n.startswith("plain") and world > 1)]
     candidates = []
     for name in names:
         if name.startswith("zero"):
             candidates.append(build_zero_candidate(int(name[-1]), args, model_name, batch, images, noise))
-        elif name == "plain":
-            model = fresh_model(model_name)
+        elif name.startswith("plain"):
+            model = compiled_as(name, fresh_model(model_name))
             optimizer = build_optimizer(model, config(args, model_name, batch, "ddp"), 1e-4)
             candidates.append(Candidate(name, model, **torch_step(model, optimizer, images, noise,
                                                                    parallel.clip_grad_norm, args.clip)))
@@ -226,11 +249,14 @@ def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def timed(fn: Callable[[], object], steps: int) -> float:
-    start = time.process_time()
+def timed(fn: Callable[[], object], steps: int, clock: Callable[[], float] = time.process_time) -> float:
+    start = clock()
     for _ in range(steps):
         fn()
-    return (time.process_time() - start) / steps
+    return (clock() - start) / steps
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def measure(candidates: list[Candidate], args) -> None:
@@ -241,16 +267,17 @@ def measure(candidates: list[Candidate], args) -> None:
             if c.train_step:
                 c.train_step()
         c.times = {phase: [] for phase in (*PHASES, "train_step")}
+    clock = CLOCKS[args.clock]
     for r in range(args.rounds):
         order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]
         for c in order:
             faults = minor_page_faults()
-            per_step = [c.step() for _ in range(args.steps)]
+            per_step = [c.step(clock) for _ in range(args.steps)]
             c.faults.append((minor_page_faults() - faults) / args.steps)
             for phase, values in zip(PHASES, zip(*per_step)):
                 c.times[phase].append(statistics.fmean(values))
             if c.train_step:
-                c.times["train_step"].append(timed(c.train_step, args.steps))
+                c.times["train_step"].append(timed(c.train_step, args.steps, clock))
 
 
 def profile(candidate: Candidate, steps: int) -> dict[str, float]:
@@ -287,16 +314,17 @@ def op_profile(candidate: Candidate, steps: int, top: int = 8) -> list[dict]:
 def result_rows(candidates: list[Candidate], model_name: str, batch: int, world: int, args) -> list[dict]:
     medians = {c.name: {phase: 1000 * statistics.median(t) for phase, t in c.times.items() if t} for c in candidates}
     totals = {name: sum(m[p] for p in PHASES) for name, m in medians.items()}
-    reference = totals.get("plain") or totals.get("ddp")
     rows = []
     for c in candidates:
         m = medians[c.name]
+        reference = reference_for(c.name, totals)
         row = {
             "model": model_name, "batch": batch, "world": world, "candidate": c.name, **{p: m[p] for p in PHASES},
-            "step": totals[c.name], "vs_reference": totals[c.name] / reference,
-            "reference": "plain" if "plain" in totals else "ddp", "units": c.units,
+            "step": totals[c.name], "vs_reference": totals[c.name] / totals[reference] if reference else None,
+            "reference": reference, "units": c.units, "clock": args.clock,
             "train_step": m.get("train_step"), "faults": statistics.median(c.faults),
-            "per_unit": (totals[c.name] - totals["plain"]) / c.units if c.units and "plain" in totals else None,
+            "per_unit": (totals[c.name] - totals[reference]) / c.units
+            if c.units and reference and reference.startswith("plain") else None,
         }
         if args.profile:
             row["profile"] = profile(c, args.profile_steps)
@@ -304,6 +332,13 @@ def result_rows(candidates: list[Candidate], model_name: str, batch: int, world:
             row["ops"] = op_profile(c, args.profile_steps)
         rows.append(row)
     return rows
+
+
+def reference_for(name: str, totals: dict[str, float]) -> str | None:
+    """What a candidate is compared with, of those that ran: the plain model compiled as it is
+    (compiled candidates) or eager, else DDP (world size 2); None when none of them ran."""
+    preferred = ("plain_compiled", "plain", "ddp") if name in COMPILED else ("plain", "ddp")
+    return next((reference for reference in preferred if reference in totals), None)
 
 
 def trainer_rows(args, model_name: str, batch: int, world: int, tmp: Path) -> list[dict]:
@@ -372,6 +407,10 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
             if args.trainer:
                 rows += trainer_rows(args, model_name, batch, world, Path(out).parent)
             else:
+                # Each (model, batch) compiles afresh: graphs kept from earlier ones would count
+                # towards dynamo's recompile limit per code object (all blocks share timm's
+                # Block.forward), past which compiled candidates silently run eager.
+                torch._dynamo.reset()
                 candidates = build_candidates(args, model_name, batch, accelerator)
                 measure(candidates, args)
                 rows += result_rows(candidates, model_name, batch, world, args)
@@ -402,9 +441,10 @@ def table_row(r: dict) -> str:
     per_unit = f"{r['per_unit']:.2f}" if r["per_unit"] is not None else "-"
     train = f"{r['train_step']:.2f}" if r["train_step"] is not None else "-"
     hand_off = f"{r['train_step'] - r['step']:+.2f}" if r["train_step"] is not None else "-"
+    vs_reference = f"{r['vs_reference']:.2f}x {r['reference']}" if r["reference"] else "-"
     return (f"| {r['model']} | {r['batch']} | {r['world']} | {r['candidate']} | {r['forward']:.2f} | "
             f"{r['backward']:.2f} | {r['clip']:.2f} | {r['optimizer']:.2f} | {r['step']:.2f} | "
-            f"{r['vs_reference']:.2f}x {r['reference']} | {r['units'] or '-'} | {per_unit} | {train} | {hand_off} | "
+            f"{vs_reference} | {r['units'] or '-'} | {per_unit} | {train} | {hand_off} | "
             f"{r['faults']:.0f} |")
 
 
@@ -442,6 +482,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per candidate per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="cpu: CPU time of each process (the host work, whatever else runs); wall: elapsed "
+                             "time, which also shows collectives overlapping compute (an otherwise idle machine)")
     parser.add_argument("--clip", type=float, default=1.0, help="optim.clip_grad (the large-model recipes clip)")
     parser.add_argument("--profile", action="store_true", help="break each candidate's time down by area")
     parser.add_argument("--op-profile", action="store_true", help="the ops (kernels, copies) each candidate spends on")

@@ -115,7 +115,7 @@ class StepBench:
     def _use_compiled_block(self, block: torch.nn.Module, compiled: bool) -> None:
         """Point the block at its compiled forward (made once, kept) or back at its class's eager one."""
         if compiled and not hasattr(block, "_compiled_forward"):
-            block._compiled_forward = torch.compile(type(block).forward.__get__(block))
+            block._compiled_forward = parallel.compiled_block_forward(block)
         vars(block).pop("forward", None)
         if compiled:
             block.forward = block._compiled_forward

@@ -237,10 +237,22 @@ def parallelize(model: nn.Module, cfg: Config, accelerator: Accelerator) -> nn.M
     return model
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module, dynamic: bool | None = False) -> None:
     """torch.compile every transformer block's forward, leaving the module (and its keys) as is."""
     for block in transformer_blocks(model):
-        block.forward = torch.compile(block.forward)
+        block.forward = compiled_block_forward(block, dynamic)
+
+
+def compiled_block_forward(block: nn.Module, dynamic: bool | None = False) -> Callable:
+    """The block's forward compiled for the shapes it sees, one static graph each.
+
+    All blocks share one code object, so dynamo's default (`dynamic=None`) turns the second
+    shape it meets (decoder after encoder) into a dynamic-shape graph; under FSDP2 a guard
+    failure in the second step then recompiled the blocks once more, dynamic, and that step
+    took up to 1.24x the static one (tiny model on CPU, docs/BENCHMARKS.md). A run's shapes
+    are fixed, so each gets its own graph.
+    """
+    return torch.compile(type(block).forward.__get__(block), dynamic=dynamic)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -267,6 +279,9 @@ class FSDP2Options:
     blocks_per_unit: int = 4
     # One FSDP unit for all decoder blocks: a small decoder block is not worth a unit of its own.
     decoder_as_one_unit: bool = True
+    # Each unit's pre-forward issues the next unit's all-gather (FSDP2's explicit prefetch)
+    # instead of the next unit's own pre-forward doing it.
+    forward_prefetch: bool = False
 
 
 def fsdp2_options(cfg: Config) -> FSDP2Options:
@@ -292,12 +307,22 @@ def shard_fsdp2(model: nn.Module, mesh, options: FSDP2Options = FSDP2Options()) 
     offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if options.cpu_offload else OffloadPolicy()
     common = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     blocks, size = list(model.blocks), options.blocks_per_unit
-    for start in range(0, len(blocks), size):
-        fully_shard(blocks[start:start + size], reshard_after_forward=options.reshard_after_forward, **common)
+    encoder = [blocks[start:start + size] for start in range(0, len(blocks), size)]
+    for unit in encoder:
+        fully_shard(unit, reshard_after_forward=options.reshard_after_forward, **common)
     decoder = [list(model.decoder_blocks)] if options.decoder_as_one_unit else [[b] for b in model.decoder_blocks]
     for unit in decoder:
         fully_shard(unit, reshard_after_forward=options.reshard_decoder, **common)
     fully_shard(model, reshard_after_forward=options.reshard_after_forward, **common)
+    if options.forward_prefetch:
+        prefetch_in_forward(model, [unit[0] for unit in encoder + decoder])
+
+
+def prefetch_in_forward(root: nn.Module, units: list[nn.Module]) -> None:
+    """Chain FSDP2's explicit forward prefetch: the root's pre-forward gathers the first unit,
+    each unit's the next (`units`: one module of each unit, in the order forward runs them)."""
+    for module, following in zip([root, *units], units):
+        module.set_modules_to_forward_prefetch([following])
 
 
 def device_mesh(world: int, device_type: str, replicate: int = 1):

@@ -272,13 +272,14 @@ def test_host_overhead_breaks_steps_down_for_every_strategy(tmp_path):
     common = ["--models", MICRO, "--batch-sizes", "2", "--rounds", "1", "--steps", "1", "--warmup", "1",
               "--jsonl", str(rows_file)]
     _script("benchmarks/host_overhead.py", *common, "--world-sizes", "1", "2", "--profile", "--profile-steps", "1",
-            "--op-profile", "--candidates", "plain", "ddp", "fsdp2_before", "fsdp2")
+            "--op-profile", "--candidates", "plain", "ddp", "fsdp2_before", "fsdp2", "fsdp2_prefetch")
     _script("benchmarks/host_overhead.py", *common, "--world-sizes", "2", "--trainer", "--trainer-steps", "2",
             "--trainer-workers", "0")
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     steps = {(r["world"], r["candidate"]): r for r in rows if "candidate" in r}
-    assert set(steps) == {(1, "plain"), (1, "ddp"), (1, "fsdp2_before"), (1, "fsdp2"), (2, "ddp"), (2, "fsdp2_before"),
-                          (2, "fsdp2")}
+    assert set(steps) == {(1, "plain"), (1, "ddp"), (1, "fsdp2_before"), (1, "fsdp2"), (1, "fsdp2_prefetch"),
+                          (2, "ddp"), (2, "fsdp2_before"), (2, "fsdp2"), (2, "fsdp2_prefetch")}
+    assert {steps[(1, "fsdp2")]["reference"], steps[(2, "fsdp2")]["reference"]} == {"plain", "ddp"}
     for row in steps.values():
         assert row["step"] == pytest.approx(sum(row[p] for p in ("forward", "backward", "clip", "optimizer")))
         assert row["faults"] >= 0
@@ -292,6 +293,15 @@ def test_host_overhead_breaks_steps_down_for_every_strategy(tmp_path):
     trainer = [r for r in rows if "strategy" in r]
     assert [(r["world"], r["strategy"]) for r in trainer] == [(2, "ddp"), (2, "fsdp2")]
     assert all(r["trainer_ms"] > 0 and r["bare_ms"] > 0 for r in trainer)
+
+
+def test_host_overhead_compares_compiled_candidates_with_the_compiled_plain_model():
+    import host_overhead  # benchmarks/ is on sys.path
+    ran = {"plain": 10.0, "plain_compiled": 8.0, "fsdp2": 15.0, "fsdp2_compiled": 12.0}
+    assert host_overhead.reference_for("fsdp2_compiled", ran) == "plain_compiled"
+    assert host_overhead.reference_for("fsdp2", ran) == "plain"
+    assert host_overhead.reference_for("fsdp2_compiled", {"ddp": 1.0, "fsdp2_compiled": 2.0}) == "ddp"
+    assert host_overhead.reference_for("fsdp2", {"fsdp2": 1.0}) is None
 
 
 def test_fsdp2_copies_times_one_units_three_copies():

@@ -100,7 +100,7 @@ def test_local_shard_adamw_steps_whole_tensors_as_torch_adamw(fused):
     assert optimizers[0].state_dict()["state"].keys() == optimizers[1].state_dict()["state"].keys()
 
 
-def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, queue) -> None:
+def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, prefetch: bool, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -109,10 +109,15 @@ def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, queue) -
         images, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
         sharded, whole = build_model("mae_vit_micro_patch4"), build_model("mae_vit_micro_patch4")
         whole.load_state_dict(sharded.state_dict())
-        parallel.shard_fsdp2(sharded, parallel.device_mesh(world, "cpu", replicate))
+        options = parallel.FSDP2Options(forward_prefetch=prefetch)
+        parallel.shard_fsdp2(sharded, parallel.device_mesh(world, "cpu", replicate), options)
         ours = LocalShardAdamW(param_groups(sharded, 0.05), lr=1e-2, fused=True)
         reference = torch.optim.AdamW(param_groups(whole, 0.05), lr=1e-2)
         norms = []
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as first_forward:
+            sharded(images, noise=noise)
+        prefix = "FSDP::forward_prefetch for "
+        prefetched = [e.name.removeprefix(prefix) for e in first_forward.events() if e.name.startswith(prefix)]
         for _ in range(3):
             # Every rank sees the whole batch: FSDP2 averages the identical gradients.
             sharded(images, noise=noise)[0].backward()
@@ -124,17 +129,21 @@ def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, queue) -
                 optimizer.zero_grad(set_to_none=True)
         worst = max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), whole.parameters()))
         if rank == 0:
-            queue.put((norms, worst))
+            queue.put((norms, worst, prefetched))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("replicate", [1, 2], ids=["fsdp", "hsdp_2x1"])
-def test_sharded_clip_and_adamw_match_whole_tensors_on_two_processes(replicate):
+@pytest.mark.parametrize("replicate, prefetch", [(1, False), (2, False), (1, True)],
+                         ids=["fsdp", "hsdp_2x1", "fsdp_forward_prefetch"])
+def test_sharded_clip_and_adamw_match_whole_tensors_on_two_processes(replicate, prefetch):
     port = free_port()
     queue = FORKSERVER.Queue()
-    mp.start_processes(_sharded_vs_whole, args=(2, port, replicate, queue), nprocs=2, start_method="forkserver")
-    norms, worst = queue.get(timeout=10)
+    mp.start_processes(_sharded_vs_whole, args=(2, port, replicate, prefetch, queue), nprocs=2,
+                       start_method="forkserver")
+    norms, worst, prefetched = queue.get(timeout=10)
+    # micro: the root's pre-forward gathers the encoder's one unit, whose pre-forward gathers the decoder's
+    assert [unit.split(",")[0] for unit in prefetched] == (["blocks.0", "decoder_blocks.0"] if prefetch else [])
     for ours, reference in norms:
         assert ours == pytest.approx(reference, rel=1e-5)
     assert norms[0][1] > 0.05  # the clip really scaled the gradients
@@ -156,3 +165,44 @@ def test_blocks_compiled_one_by_one_train_like_eager_and_keep_plain_keys():
     for (name, a), b in zip(compiled.named_parameters(), eager.parameters()):
         if b.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _compiled_sharded_steps(rank: int, world: int, port: int, queue) -> None:
+    """Losses of 3 steps of the sharded model, eager and with compiled blocks, and the graphs compiled."""
+    from torch._dynamo.utils import counters
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        images, noise = _inputs()
+        losses = {}
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = build_model("mae_vit_micro_patch4", decoder_depth=2)
+            if compiled:
+                parallel.compile_blocks(model)
+            parallel.shard_fsdp2(model, parallel.device_mesh(world, "cpu"))
+            optimizer = LocalShardAdamW(param_groups(model, 0.05), lr=1e-3)
+            losses[compiled] = []
+            for _ in range(3):
+                loss = model(images, noise=noise)[0]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses[compiled].append(loss.item())
+        queue.put((losses, counters["stats"]["unique_graphs"]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_blocks_compiled_under_fsdp2_keep_one_static_graph_per_shape():
+    """Encoder and decoder blocks share one code object: two shapes, two static graphs. With
+    dynamo's default (dynamic=None) a third, dynamic-shape graph appeared in the second step."""
+    queue = FORKSERVER.Queue()
+    mp.start_processes(_compiled_sharded_steps, args=(1, free_port(), queue), nprocs=1, start_method="forkserver")
+    losses, graphs = queue.get(timeout=10)
+    assert graphs == 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
