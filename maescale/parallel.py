@@ -280,7 +280,8 @@ class FSDP2Options:
     # One FSDP unit for all decoder blocks: a small decoder block is not worth a unit of its own.
     decoder_as_one_unit: bool = True
     # Each unit's pre-forward issues the next unit's all-gather (FSDP2's explicit prefetch)
-    # instead of the next unit's own pre-forward doing it.
+    # instead of the next unit's own pre-forward doing it. Off: no faster on gloo, where the
+    # all-gather then only runs earlier, not alongside compute (docs/BENCHMARKS.md).
     forward_prefetch: bool = False
 
 
