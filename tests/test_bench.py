@@ -304,6 +304,18 @@ def test_host_overhead_compares_compiled_candidates_with_the_compiled_plain_mode
     assert host_overhead.reference_for("fsdp2", {"fsdp2": 1.0}) is None
 
 
+def test_fsdp2_unit_cost_splits_fixed_and_per_parameter_cost():
+    out = _script("benchmarks/fsdp2_unit_cost.py", "--units", "2", "--params", "1", "3", "--elements", "96",
+                  "--rounds", "1", "--steps", "2").stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(1, 96), (3, 96)]
+    assert all(float(r[3]) > float(r[2]) > 0 for r in rows)  # FSDP2 adds host time to the plain step
+    assert re.search(r"per unit, 96 elements: -?[0-9.]+ ms fixed \+ -?[0-9.]+ ms per parameter", out)
+    refused = subprocess.run([sys.executable, "benchmarks/fsdp2_unit_cost.py", "--params", "4"], cwd=REPO,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert refused.returncode == 2 and "at least two counts" in refused.stderr
+
+
 def test_fsdp2_copies_times_one_units_three_copies():
     out = _script("benchmarks/fsdp2_copies.py", "--model", MICRO, "--blocks", "2", "--repeats", "2").stdout
     assert out.startswith(f"{MICRO}, 2 blocks: 24 tensors")  # 12 parameters per timm Block
