@@ -56,6 +56,11 @@ def silence_uninformative_warnings() -> None:
         "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
         category=FutureWarning,
     )
+    # torch.compile on a machine without CUDA: inductor's C++ toolchain logs, once per process,
+    # that it found no CUDA runtime, which compiling for the CPU does not need.
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: "No CUDA runtime is found" not in record.getMessage()
+    )
 
 
 def check_extras(cfg) -> None:

@@ -59,6 +59,11 @@ def test_pretrain_resume_and_visualize_print_no_warning_lines(tmp_path, folder_w
         assert "torch.distributed is disabled" not in result.stderr
 
 
+def test_a_compiled_run_prints_no_toolchain_notice(tmp_path):
+    result = maescale("pretrain", f"output_dir={tmp_path / 'run'}", *RUN, "train.compile=true", "train.max_steps=1")
+    assert "No CUDA runtime" not in result.stderr and "Warning" not in result.stderr, result.stderr[-3000:]
+
+
 def test_a_warning_that_is_shown_takes_one_line():
     line = _one_line_warning(UserWarning("something odd"), UserWarning, "/x/y/lib.py", 12, "    return func(*args)")
     assert line == "UserWarning: something odd (lib.py:12)"
