@@ -1,5 +1,6 @@
-"""The process-group backend choice, and FSDP2's local-shard AdamW and clipping against torch's
-own on whole tensors (one process) and on real 2-process gloo groups."""
+"""The process-group backend choice; FSDP2's local-shard AdamW and clipping against torch's
+own on whole tensors (one process) and on real 2-process gloo groups, with and without explicit
+forward prefetch; blocks compiled one by one, eager and under FSDP2 (static graphs)."""
 
 import os
 
