@@ -186,6 +186,12 @@ class ParallelConfig:
         " keeps them until backward (ZeRO-2 style: one all-gather per unit per step instead of two, measured "
         "faster in docs/BENCHMARKS.md)."
     )
+    forward_prefetch: bool = opt(
+        False,
+        "FSDP2: each unit's pre-forward issues the next unit's all-gather (explicit prefetch), so on GPUs it "
+        "can overlap the current unit's compute even when the host is not ahead; measured no faster on CPU/gloo "
+        "(docs/BENCHMARKS.md), not measured on several GPUs."
+    )
 
 
 @dataclass

@@ -291,6 +291,7 @@ def fsdp2_options(cfg: Config) -> FSDP2Options:
         cpu_offload=cfg.parallel.cpu_offload,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
         blocks_per_unit=cfg.parallel.blocks_per_unit,
+        forward_prefetch=cfg.parallel.forward_prefetch,
     )
 
 

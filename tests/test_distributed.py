@@ -86,9 +86,10 @@ def single(tmp_path_factory) -> Path:
         ("ddp", ["parallel.strategy=ddp"], 1e-4),
         ("fsdp2", ["parallel.strategy=fsdp2"], 1e-4),
         ("fsdp2_ac", ["parallel.strategy=fsdp2", "parallel.activation_checkpointing=true"], 1e-4),
-        # The other cut: a unit per block, freed after forward and gathered again for backward.
-        ("fsdp2_reshard_1_block", ["parallel.strategy=fsdp2", "parallel.reshard_after_forward=true",
-                                   "parallel.blocks_per_unit=1"], 1e-4),
+        # The other cut: a unit per block, freed after forward and gathered again for backward,
+        # each gathered ahead by the previous unit (explicit forward prefetch).
+        ("fsdp2_reshard_1_block_prefetch", ["parallel.strategy=fsdp2", "parallel.reshard_after_forward=true",
+                                            "parallel.blocks_per_unit=1", "parallel.forward_prefetch=true"], 1e-4),
         ("fsdp2_bf16", ["parallel.strategy=fsdp2", "train.precision=bf16"], 2e-2),
         ("fsdp2_offload", ["parallel.strategy=fsdp2", "parallel.cpu_offload=true"], 1e-4),
         ("hsdp", ["parallel.strategy=fsdp2", "parallel.replicate_degree=2"], 1e-4),
