@@ -189,7 +189,8 @@ class ParallelConfig:
     forward_prefetch: bool = opt(
         False,
         "FSDP2: each unit's pre-forward issues the next unit's all-gather (explicit prefetch), so on GPUs it "
-        "can overlap the current unit's compute even when the host is not ahead; measured no faster on CPU/gloo "
+        "can overlap the current unit's compute even when the host is not ahead; with reshard_after_forward=true "
+        "one more unit is gathered at a time (maescale plan does not count it). Measured no faster on CPU/gloo "
         "(docs/BENCHMARKS.md), not measured on several GPUs."
     )
 
