@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from maescale import parallel  # noqa: E402
+from maescale.bench import interleaved_times  # noqa: E402
 
 
 class Unit(nn.Module):
@@ -58,16 +59,8 @@ def step(model: nn.Module, x: torch.Tensor) -> None:
 def per_step_seconds(models: dict[str, nn.Module], rounds: int, steps: int) -> dict[str, float]:
     """Median CPU time per step of each model, in rounds that alternate them."""
     x = torch.zeros(8)
-    for model in models.values():
-        step(model, x)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(rounds):
-        names = list(models)[r % len(models):] + list(models)[: r % len(models)]
-        for name in names:
-            start = time.process_time()
-            for _ in range(steps):
-                step(models[name], x)
-            times[name].append((time.process_time() - start) / steps)
+    times = interleaved_times({name: partial(step, model, x) for name, model in models.items()}, rounds=rounds,
+                              steps_per_round=steps, warmup=1, device=torch.device("cpu"), clock="cpu")
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -69,6 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from maescale import parallel  # noqa: E402
 from maescale.__main__ import silence_uninformative_warnings  # noqa: E402
+from maescale.bench import CLOCKS  # noqa: E402
 from maescale.config import load_config  # noqa: E402
 from maescale.models import build_model  # noqa: E402
 from maescale.optim import build_optimizer  # noqa: E402
@@ -255,8 +256,6 @@ def timed(fn: Callable[[], object], steps: int, clock: Callable[[], float] = tim
         fn()
     return (clock() - start) / steps
 
-
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def measure(candidates: list[Candidate], args) -> None:

@@ -56,11 +56,14 @@ def silence_uninformative_warnings() -> None:
         "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
         category=FutureWarning,
     )
-    # torch.compile on a machine without CUDA: inductor's C++ toolchain logs, once per process,
-    # that it found no CUDA runtime, which compiling for the CPU does not need.
-    logging.getLogger("torch.utils.cpp_extension").addFilter(
-        lambda record: "No CUDA runtime is found" not in record.getMessage()
-    )
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_not_the_no_cuda_notice)
+
+
+def _not_the_no_cuda_notice(record: logging.LogRecord) -> bool:
+    """torch.compile on a machine without CUDA: inductor's C++ toolchain logs, once per process,
+    that it found no CUDA runtime, which compiling for the CPU does not need. (A named function,
+    so that calling `silence_uninformative_warnings` again adds no second filter.)"""
+    return "No CUDA runtime is found" not in record.getMessage()
 
 
 def check_extras(cfg) -> None:
