@@ -9,9 +9,10 @@ For each world size, every process builds every candidate on the same weights an
   ddp           DistributedDataParallel, as the trainer wraps it
   fsdp2_before  FSDP2 as maescale sharded it before: every block a unit, every unit resharded
                 after forward, torch's AdamW and clip_grad_norm_ on the DTensors
-  fsdp2_reshard, fsdp2_1_block, fsdp2_2_blocks, fsdp2_prefetch
+  fsdp2_reshard, fsdp2_1_block, fsdp2_2_blocks, fsdp2_prefetch, fsdp2_copy_reduce
                 the trainer's cut with one choice changed (FSDP2_VARIANTS; fsdp2_prefetch adds
-                FSDP2's explicit forward prefetch, each unit gathering the next)
+                FSDP2's explicit forward prefetch, each unit gathering the next; fsdp2_copy_reduce
+                lets FSDP2 copy each reduction's input to its output over a group of one)
   fsdp2         FSDP2 as the trainer shards it now (maescale/parallel.py, maescale/optim.py)
   plain_compiled, fsdp2_compiled, fsdp2_compiled_dynamic, fsdp2_compiled_whole
                 under torch.compile: the plain model whole (the reference of the others);
@@ -80,11 +81,13 @@ PHASES = ("forward", "backward", "clip", "optimizer")
 # FSDP2 cuts other than the trainer's own ("fsdp2"), to measure the choices against.
 FSDP2_VARIANTS = {
     "fsdp2_before": parallel.FSDP2Options(
-        blocks_per_unit=1, reshard_after_forward=True, reshard_decoder=True, decoder_as_one_unit=False),
+        blocks_per_unit=1, reshard_after_forward=True, reshard_decoder=True, decoder_as_one_unit=False,
+        reduce_in_place=False),
     "fsdp2_reshard": parallel.FSDP2Options(reshard_after_forward=True),
     "fsdp2_1_block": parallel.FSDP2Options(blocks_per_unit=1),
     "fsdp2_2_blocks": parallel.FSDP2Options(blocks_per_unit=2),
     "fsdp2_prefetch": parallel.FSDP2Options(forward_prefetch=True),
+    "fsdp2_copy_reduce": parallel.FSDP2Options(reduce_in_place=False),
 }
 # torch.compile: the whole model (plain, as the trainer compiles it unsharded; fsdp2_compiled_whole,
 # compiled before sharding, FSDP2's hooks inside the compiled call) or each block before sharding

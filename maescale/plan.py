@@ -584,10 +584,16 @@ class _StepSimulation:
         """FSDP2: copy a unit's `numel` gradients into an fp32 reduce-scatter input, free them, reduce into
         the sharded gradients. A second buffer of the input's size is live meanwhile: NCCL's stream
         still holds the previous unit's input; gloo (CPU processes) copies the input (measured:
-        docs/BENCHMARKS.md)."""
+        docs/BENCHMARKS.md). Over a shard group of one the input itself becomes the sharded
+        gradients (parallel.ReduceOverOneRank): no second buffer, nothing copied."""
         t = self.t
         t.alloc("temporaries", 4 * numel, moment)
         t.free("temporaries", self.param_bytes * numel)
+        if self.shard == 1:
+            t.free("temporaries", 4 * numel)
+            if not self.setup.cpu_offload:
+                t.alloc("gradients", 4 * numel, moment)  # the same bytes, now the gradients
+            return
         t.transient("temporaries", 4 * numel, moment)
         if not self.setup.cpu_offload:
             t.alloc("gradients", 4 * numel / self.shard, moment)

@@ -15,6 +15,7 @@ from maescale.config import ConfigError, load_config
 from maescale.errors import StrategyError
 from maescale.models import build_model
 from maescale.optim import LocalShardAdamW, param_groups
+from maescale.plan import LiveStorageTracker
 from maescale.train import prefetch_to_device
 
 
@@ -108,7 +109,8 @@ def test_local_shard_adamw_steps_whole_tensors_as_torch_adamw(fused):
     assert optimizers[0].state_dict()["state"].keys() == optimizers[1].state_dict()["state"].keys()
 
 
-def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, prefetch: bool, queue) -> None:
+def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, prefetch: bool, queue,
+                      options: parallel.FSDP2Options | None = None, micro_batches: int = 1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -117,7 +119,7 @@ def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, prefetch
         images, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
         sharded, whole = build_model("mae_vit_micro_patch4"), build_model("mae_vit_micro_patch4")
         whole.load_state_dict(sharded.state_dict())
-        options = parallel.FSDP2Options(forward_prefetch=prefetch)
+        options = options or parallel.FSDP2Options(forward_prefetch=prefetch)
         parallel.shard_fsdp2(sharded, parallel.device_mesh(world, "cpu", replicate), options)
         ours = LocalShardAdamW(param_groups(sharded, 0.05), lr=1e-2, fused=True)
         reference = torch.optim.AdamW(param_groups(whole, 0.05), lr=1e-2)
@@ -128,8 +130,10 @@ def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, prefetch
         prefetched = [e.name.removeprefix(prefix) for e in first_forward.events() if e.name.startswith(prefix)]
         for _ in range(3):
             # Every rank sees the whole batch: FSDP2 averages the identical gradients.
-            sharded(images, noise=noise)[0].backward()
-            whole(images, noise=noise)[0].backward()
+            for shift in range(micro_batches):  # more than one: other masks, gradients add up
+                batch = images.roll(shift, dims=0)
+                sharded(batch, noise=noise)[0].backward()
+                whole(batch, noise=noise)[0].backward()
             norms.append((parallel.clip_grad_norm(sharded.parameters(), 0.05).item(),
                           torch.nn.utils.clip_grad_norm_(whole.parameters(), 0.05).item()))
             for optimizer in (ours, reference):
@@ -158,6 +162,59 @@ def test_sharded_clip_and_adamw_match_whole_tensors_on_two_processes(replicate, 
     # Sums in another order round the norm differently in the last bit, and AdamW amplifies that
     # on near-zero gradients (update ~ lr * g / eps): same tolerance as the strategy parity tests.
     assert worst < 1e-4
+
+
+@pytest.mark.parametrize("reduce_in_place", [True, False], ids=["in_place", "fsdp2_copy"])
+def test_one_process_reduces_in_place_and_matches_whole_tensors(reduce_in_place):
+    """A group of one: two same-shaped one-block units reduce into buffers that must not mix, and
+    the second micro-batch's gradients add to the first's, which view the first reduction's buffer."""
+    port = free_port()
+    queue = FORKSERVER.Queue()
+    options = parallel.FSDP2Options(blocks_per_unit=1, reduce_in_place=reduce_in_place)
+    mp.start_processes(_sharded_vs_whole, args=(1, port, 1, False, queue, options, 2), nprocs=1,
+                       start_method="forkserver")
+    norms, worst, _ = queue.get(timeout=10)
+    for ours, reference in norms:
+        assert ours == pytest.approx(reference, rel=1e-5)
+    assert worst < 1e-4
+
+
+def _backward_peaks(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        peaks = []
+        for reduce_in_place in (True, False):
+            model = build_model("mae_vit_micro_patch4")
+            parallel.shard_fsdp2(model, parallel.device_mesh(1, "cpu"),
+                                 parallel.FSDP2Options(reduce_in_place=reduce_in_place))
+            images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+            tracker = LiveStorageTracker(existing=[p.to_local() for p in model.parameters()], track_peak=True)
+            with tracker:
+                model(images, noise=noise)[0].backward()
+            peaks.append(tracker.peak)
+        queue.put(peaks)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reducing_in_place_lowers_the_backward_peak_on_one_process():
+    queue = FORKSERVER.Queue()
+    mp.start_processes(_backward_peaks, args=(free_port(), queue), nprocs=1, start_method="forkserver")
+    in_place, copied = queue.get(timeout=10)
+    assert in_place < copied
+
+
+def test_reduce_over_one_rank_hands_each_input_back_as_its_output():
+    comm = parallel.ReduceOverOneRank()
+    for _ in range(2):
+        reduce_input = comm.allocate((6,), dtype=torch.float32, device=torch.device("cpu"))
+        assert comm.allocate((6,), dtype=torch.float32, device=torch.device("cpu")) is reduce_input
+    # The next reduction gets a buffer of its own, not the previous one's (its gradients view it).
+    assert comm.allocate((6,), dtype=torch.float32, device=torch.device("cpu")) is not reduce_input
+    with pytest.raises(StrategyError, match=r"reduce output of \(3,\).*not a group of one"):
+        comm.allocate((3,), dtype=torch.float32, device=torch.device("cpu"))
 
 
 def test_prefetch_passes_cpu_batches_through_in_order():
