@@ -4,7 +4,8 @@
 
 At world size 1 FSDP2 still copies every parameter into its gathered buffer in forward, and in
 backward concatenates the unit's gradients into the reduce buffer (`_chunk_cat`) and copies that
-into the reduce output. Here the same three copies run on tensors of one unit's shapes (the
+into the reduce output (a copy that maescale's `parallel.ReduceOverOneRank` turns into a no-op:
+the output is the input's buffer). Here the same three copies run on tensors of one unit's shapes (the
 first `--blocks` encoder blocks) in a loop, buffers reused, CPU time of one thread; compare with
 the ops `benchmarks/host_overhead.py --op-profile` finds inside the step.
 """
