@@ -8,7 +8,8 @@ holds it whole (FSDP2 from the meta device, ZeRO-3 under `deepspeed.zero.Init`);
 `parallelize` applies, in this order, activation checkpointing,
 compilation (per block under FSDP2), FSDP2 sharding of the encoder blocks in groups, of the
 decoder blocks as one unit, and then of the root (so the embeddings, tokens and norms outside
-the blocks form one last group);
+the blocks form one last group), each unit reducing its gradients in place when its shard group
+is one process (`ReduceOverOneRank`);
 `prepare` wraps the model and optimizer for the chosen strategy; `clip_gradients` clips
 with one norm over the local shards and one all-reduce; `check_active` fails loudly when
 the requested strategy is not the one running.
@@ -29,7 +30,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch import nn
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter  # FSDP2's comm interface
 from torch.distributed.tensor import DTensor
 
 from .config import Config
@@ -323,7 +323,8 @@ def shard_fsdp2(model: nn.Module, mesh, options: FSDP2Options = FSDP2Options()) 
     units = [unit[0] for unit in encoder + decoder]
     if options.forward_prefetch:
         prefetch_in_forward(model, units)
-    if options.reduce_in_place and shard_size(mesh) == 1:
+    # set_custom_reduce_scatter: torch >= 2.9; older FSDP2 keeps its copy.
+    if options.reduce_in_place and shard_size(mesh) == 1 and hasattr(model, "set_custom_reduce_scatter"):
         for module in [*units, model]:
             module.set_custom_reduce_scatter(ReduceOverOneRank())
 
@@ -332,8 +333,9 @@ def shard_size(mesh) -> int:
     return mesh["shard"].size() if mesh.ndim == 2 else mesh.size()
 
 
-class ReduceOverOneRank(ReduceScatter):
-    """FSDP2's gradient reduce-scatter for a shard group of one, without its copy.
+class ReduceOverOneRank:
+    """FSDP2's gradient reduce-scatter for a shard group of one, without its copy (FSDP2's
+    `ReduceScatter` comm interface: `allocate` and the call).
 
     Over one rank the reduce-scatter's output is its input, yet FSDP2 allocates both and copies
     every gradient from one into the other, every step (tiny model on CPU: 2.7 ms per unit of 4
