@@ -140,9 +140,18 @@ def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, prefetch
                 optimizer.zero_grad(set_to_none=True)
         worst = max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), whole.parameters()))
         if rank == 0:
-            queue.put((norms, worst, prefetched))
+            queue.put((norms, worst, prefetched, units_reducing_in_place(sharded)))
     finally:
         dist.destroy_process_group()
+
+
+def units_reducing_in_place(model: torch.nn.Module) -> int:
+    """FSDP2 units whose reduce-scatter is parallel.ReduceOverOneRank (FSDP2 keeps it privately)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    states = {id(m._get_fsdp_state()): m._get_fsdp_state() for m in model.modules() if isinstance(m, FSDPModule)}
+    return sum(isinstance(group._reduce_scatter_comm, parallel.ReduceOverOneRank)
+               for state in states.values() for group in state._fsdp_param_groups)
 
 
 @pytest.mark.parametrize("replicate, prefetch", [(1, False), (2, False), (1, True)],
@@ -152,9 +161,11 @@ def test_sharded_clip_and_adamw_match_whole_tensors_on_two_processes(replicate, 
     queue = FORKSERVER.Queue()
     mp.start_processes(_sharded_vs_whole, args=(2, port, replicate, prefetch, queue), nprocs=2,
                        start_method="forkserver")
-    norms, worst, prefetched = queue.get(timeout=10)
+    norms, worst, prefetched, in_place = queue.get(timeout=10)
     # micro: the root's pre-forward gathers the encoder's one unit, whose pre-forward gathers the decoder's
     assert [unit.split(",")[0] for unit in prefetched] == (["blocks.0", "decoder_blocks.0"] if prefetch else [])
+    # HSDP 2x1 shards over one process: its 3 units (encoder, decoder, root) reduce in place
+    assert in_place == (3 if replicate == 2 else 0)
     for ours, reference in norms:
         assert ours == pytest.approx(reference, rel=1e-5)
     assert norms[0][1] > 0.05  # the clip really scaled the gradients
@@ -172,7 +183,8 @@ def test_one_process_reduces_in_place_and_matches_whole_tensors(reduce_in_place)
     options = parallel.FSDP2Options(blocks_per_unit=1, reduce_in_place=reduce_in_place)
     mp.start_processes(_sharded_vs_whole, args=(1, port, 1, False, queue, options, 2), nprocs=1,
                        start_method="forkserver")
-    norms, worst, _ = queue.get(timeout=10)
+    norms, worst, _, in_place = queue.get(timeout=10)
+    assert in_place == (4 if reduce_in_place else 0)  # 2 encoder blocks, the decoder, the root
     for ours, reference in norms:
         assert ours == pytest.approx(reference, rel=1e-5)
     assert worst < 1e-4
