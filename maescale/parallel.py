@@ -168,12 +168,29 @@ def _single_process_rendezvous() -> None:
 
 
 def start_process_group_of_one(device: torch.device) -> None:
-    """A process group of this process alone (FSDP2 needs one even then), unless one exists."""
+    """A process group of this process alone (FSDP2 needs one even then), unless one exists.
+    Its store lives in this process: no port, no environment variables that a later
+    Accelerator would read as a launch."""
     if dist.is_initialized():
         return
-    _single_process_rendezvous()
     on_gpu = device.type == "cuda"
-    dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1, device_id=device if on_gpu else None)
+    dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if on_gpu else None)
+
+
+@contextmanager
+def process_group_for(cfg: Config):
+    """FSDP2 shards over a process group, also of one process; Accelerate starts none for a single
+    process (no launcher, or a launcher asked for one), so the run gets one of its own, ended with it."""
+    if cfg.parallel.strategy != "fsdp2" or launched_processes() > 1 or dist.is_initialized():
+        yield
+        return
+    on_gpu = choose_backend(cfg.parallel.backend, torch.cuda.device_count(), 1) == "nccl"
+    start_process_group_of_one(torch.device("cuda", 0) if on_gpu else torch.device("cpu"))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def launched_processes() -> int:

@@ -451,5 +451,5 @@ def pretrain(cfg: Config) -> dict:
     Stop signals are caught from the start, so one that arrives while the model is being
     built or a checkpoint loaded stops the run after its first step instead of killing it.
     """
-    with StopRequest() as stop:
+    with StopRequest() as stop, parallel.process_group_for(cfg):
         return Trainer(cfg).run(stop)

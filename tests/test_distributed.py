@@ -129,6 +129,20 @@ def test_two_processes_match_one(tmp_path, single, name, overrides, tolerance):
         assert torch.allclose(value, reference[key], atol=tolerance, rtol=tolerance), key
 
 
+def test_fsdp2_on_one_process_accumulating_matches_the_plain_model(tmp_path, single):
+    """FSDP2 with no launcher: a process group of its own, gradients reduced in place
+    (parallel.ReduceOverOneRank), 2 micro-batches of 8 added up: the plain model's batches of 16."""
+    out = tmp_path / "fsdp2_one"
+    result = run(out, 1, "parallel.strategy=fsdp2", "data.batch_size=8", "train.accum_iter=2", *KNN_MONITOR)
+    assert re.search(r"fsdp2 on 1 process\(es\) \(cpu, gloo\), 100\.0% of the parameters held here", result.stdout)
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(single), rel=1e-4)
+    assert knn_rows(out) == knn_rows(single)
+    reference = final_weights(single)
+    for key, value in final_weights(out).items():
+        assert torch.allclose(value, reference[key], atol=1e-4, rtol=1e-4), key
+
+
 def test_clipped_sharded_steps_match_one_process(tmp_path):
     """Clipping on the local shards with one all-reduce (parallel.clip_grad_norm) = one process."""
     clip = ["optim.clip_grad=0.05"]

@@ -214,7 +214,7 @@ def test_pretraining_and_the_ffcv_writer_skip_every_kind_of_bad_file(tmp_path):
     (["data.batch_size=0"], "data.batch_size"),
     (["model.img_size=30"], "model section: img_size=30 is not divisible"),
     (["parallel.zero_stage=4"], "parallel.zero_stage"),
-    (["parallel.strategy=fsdp2"], "needs a process group"),  # no launcher, no process group
+    (["parallel.strategy=fsdp2", "parallel.replicate_degree=2"], "replicate_degree=2 does not divide the 1 processes"),
     (["checkpoint.resume=/nonexistent/step_00000004"], "no such checkpoint folder"),
 ])
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path, overrides, message):
