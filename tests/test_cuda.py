@@ -94,6 +94,19 @@ def test_fsdp2_over_one_gpu_trains_as_the_plain_model():
         assert sharded == pytest.approx(plain, rel=1e-4)
 
 
+def test_fsdp2_trainer_on_one_gpu_without_a_launcher_trains_as_ddp(tmp_path):
+    from conftest import TINY_RUN, run_maescale
+
+    from maescale.metrics import read_metrics
+
+    common = [*TINY_RUN, "train.max_steps=3"]
+    run_maescale("pretrain", *common, f"output_dir={tmp_path / 'ddp'}")
+    result = run_maescale("pretrain", *common, "parallel.strategy=fsdp2", f"output_dir={tmp_path / 'fsdp2'}")
+    assert "fsdp2 on 1 process(es) (cuda, nccl)" in result.stdout
+    ddp, fsdp2 = ([r["loss"] for r in read_metrics(tmp_path / name)] for name in ("ddp", "fsdp2"))
+    assert fsdp2 == pytest.approx(ddp, rel=1e-4)
+
+
 def test_prefetched_batches_arrive_on_the_gpu_unchanged():
     steps = [[Batch(torch.randn(4, 3, 32, 32).pin_memory(), torch.arange(4), (), torch.arange(4) + 10 * i)]
              for i in range(3)]

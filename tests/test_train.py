@@ -166,6 +166,18 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path, tiny_overrides)
     assert [r["loss"] for r in big] == pytest.approx([r["loss"] for r in acc], rel=1e-4)
 
 
+def test_fsdp2_runs_on_one_process_and_leaves_no_process_group_behind(tmp_path, tiny_overrides):
+    """Two FSDP2 runs in one process, no launcher: each starts its group of one and ends it."""
+    import torch.distributed as dist
+
+    for name in ("first", "second"):
+        pretrain(load_config(None, [f"output_dir={tmp_path / name}", *tiny_overrides[1:], "train.max_steps=2",
+                                    "parallel.strategy=fsdp2"]))
+        assert not dist.is_initialized()
+    first, second = ([r["loss"] for r in read_metrics(tmp_path / name)] for name in ("first", "second"))
+    assert first == second
+
+
 def test_compiled_model_trains_like_eager_and_saves_plain_keys(tmp_path, tiny_overrides):
     common = [*tiny_overrides[1:], "train.max_steps=3"]
     pretrain(load_config(None, [f"output_dir={tmp_path / 'eager'}", *common]))
