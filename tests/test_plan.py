@@ -97,6 +97,20 @@ MODES = {  # name: (activation dtypes, autocast, model and images in bf16)
 }
 
 
+def test_tracker_counts_each_storage_at_its_size_when_counting():
+    """FSDP2 frees its buffers by resizing their storage to 0 and allocates them again in place."""
+    tracker = LiveStorageTracker()
+    with tracker:
+        buffer = torch.empty(1000)
+    assert tracker.live_bytes() == 4000
+    buffer.untyped_storage().resize_(0)
+    assert tracker.live_bytes() == 0
+    buffer.untyped_storage().resize_(400)
+    assert tracker.live_bytes() == 400
+    del buffer
+    assert tracker.live_bytes() == 0
+
+
 def measured_bytes(model, mode: str, checkpointing, batch: int = 2, backward: bool = False) -> tuple[int, int]:
     """(bytes alive after forward, peak so far) of the storages the step created; with `backward`,
     the peak covers backward too."""
