@@ -363,6 +363,7 @@ class Timeline:
         self.peak_at = ""
         self.peak_live: dict[str, int] = dict(self.live)
         self.marks: dict[str, dict[str, int]] = {}
+        self.peaks_until: dict[str, int] = {}
 
     def alloc(self, category: str, nbytes: float, moment: str) -> None:
         self.live[category] += int(nbytes)
@@ -379,6 +380,7 @@ class Timeline:
 
     def mark(self, name: str) -> None:
         self.marks[name] = dict(self.live)
+        self.peaks_until[name] = self.peak
 
 
 @dataclass
@@ -389,6 +391,7 @@ class StepMemory:
     peak_at: str
     at_peak: dict[str, int]
     marks: dict[str, dict[str, int]]
+    peaks_until: dict[str, int]  # the largest total from the start up to each mark
     host: int  # bytes kept in host memory (CPU offload)
     components: dict[str, int]  # the full size of each part, whether or not all of it is live at once
 
@@ -481,7 +484,8 @@ class _StepSimulation:
         host = 0
         if self.setup.cpu_offload:
             host = state["parameters"] + state["gradients"] + state["optimizer"]
-        return StepMemory(self.t.peak, self.t.peak_at, self.t.peak_live, self.t.marks, host, self.components(state))
+        t = self.t
+        return StepMemory(t.peak, t.peak_at, t.peak_live, t.marks, t.peaks_until, host, self.components(state))
 
     def start(self, state: dict[str, int]) -> None:
         s, t = self.setup, self.t
@@ -540,6 +544,8 @@ class _StepSimulation:
             t.free("weight_copies", 2 * self.shape.root_matmul_weights)
         if self.units and self.units[0].label in self.gathered_units:
             self.release(self.units[0])
+        if self.setup.fsdp:
+            self.reduce_scatter(self.shape.root_trainable, "backward: root gradients")
 
     def backward_block(self, kind: str, index: int) -> None:
         t, block, label, ac = self.t, self.block(kind), f"{kind}.{index}", self.setup.activation_checkpointing
@@ -556,22 +562,23 @@ class _StepSimulation:
         # The low-precision gradient of the largest weight before it is cast to the fp32 gradient.
         workspace += self.dtypes.matmul * block.largest_weight if self.param_bytes > self.dtypes.matmul else 0
         t.transient("temporaries", workspace, moment)
-        self.block_gradients(block, unit, label)
+        self.block_gradients(block, label)
         saved = tokens * block_saved_bytes_per_token(block, self.dtypes, ac)
         t.free("activations", saved + (tokens * self.recomputed_per_token(block) if ac else 0))
         if self.uses_autocast:
             t.free("weight_copies", 2 * block.matmul_weights)
         if unit is not None and unit.blocks[0] == label:
+            # The unit's backward is done: FSDP2 frees its gathered weights, then reduces.
             self.release(unit)
+            if self.setup.fsdp:
+                self.reduce_scatter(unit.params, f"backward: {label} gradients")
 
     # ---------------------------------------------------------------- gradients
 
-    def block_gradients(self, block: BlockShape, unit: _Unit | None, label: str) -> None:
+    def block_gradients(self, block: BlockShape, label: str) -> None:
         s, t, moment = self.setup, self.t, f"backward: {label} gradients"
         if s.fsdp:
             t.alloc("temporaries", self.param_bytes * block.params, moment)  # unsharded, until the unit reduces
-            if unit.blocks[0] == label:
-                self.reduce_scatter(unit.params, moment)
         elif s.zero_stage >= 2:
             # Gradients flow through the reduce bucket into this process's partition.
             t.transient("temporaries", self.param_bytes * block.params, moment)
@@ -602,8 +609,7 @@ class _StepSimulation:
     def root_gradients(self) -> None:
         s, t, root = self.setup, self.t, self.shape.root_trainable
         if s.fsdp:
-            t.alloc("temporaries", self.param_bytes * root, "backward: root gradients")
-            self.reduce_scatter(root, "backward: root gradients")
+            t.alloc("temporaries", self.param_bytes * root, "backward: root gradients")  # reduced in backward()
         elif s.zero_stage == 2:
             t.alloc("gradients", self.param_bytes * root / self.shard, "backward: root gradients")
         elif s.zero_stage != 3:
