@@ -21,6 +21,7 @@ import torch
 from maescale import parallel
 from maescale.models import build_model
 from maescale.plan import LiveStorageTracker, Setup, model_shape, simulate_step
+from maescale.shards import local_tensor
 
 CUTS = {"plain": None, "fsdp2_copy_reduce": parallel.FSDP2Options(reduce_in_place=False),
         "fsdp2": parallel.FSDP2Options()}
@@ -34,8 +35,7 @@ def step_peak(model_name: str, cut: parallel.FSDP2Options | None, batch: int) ->
         parallel.shard_fsdp2(model, parallel.device_mesh(1, "cpu"), cut)
     images = torch.randn(batch, model.in_chans, *model.img_size)
     noise = torch.rand(batch, model.patch_embed.num_patches)
-    weights = [p.to_local() if cut is not None else p for p in model.parameters()]
-    tracker = LiveStorageTracker(existing=weights, track_peak=True)
+    tracker = LiveStorageTracker(existing=[local_tensor(p) for p in model.parameters()], track_peak=True)
     with tracker:
         model(images, noise=noise)[0].backward()
     return tracker.peak
