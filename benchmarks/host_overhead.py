@@ -13,7 +13,10 @@ For each world size, every process builds every candidate on the same weights an
                 the trainer's cut with one choice changed (FSDP2_VARIANTS; fsdp2_prefetch adds
                 FSDP2's explicit forward prefetch, each unit gathering the next; fsdp2_copy_reduce
                 lets FSDP2 copy each reduction's input to its output over a group of one)
-  fsdp2         FSDP2 as the trainer shards it now (maescale/parallel.py, maescale/optim.py)
+  fsdp2         FSDP2 as the trainer shards it now (maescale/parallel.py, maescale/optim.py),
+                at every world size, one included: FSDP2's own cost
+  fsdp2_trainer what parallel.strategy=fsdp2 builds (parallel.build_model): the fsdp2 cut on
+                several processes, the model whole on one (nothing to shard there)
   plain_compiled, fsdp2_compiled, fsdp2_compiled_dynamic, fsdp2_compiled_whole
                 under torch.compile: the plain model whole (the reference of the others);
                 FSDP2 with each block compiled as under train.compile=true (static shapes), as
@@ -94,7 +97,7 @@ FSDP2_VARIANTS = {
 # (fsdp2_compiled, what parallelize does under train.compile=true).
 # fsdp2_compiled_dynamic: per block with dynamo's default dynamic=None, as maescale compiled before.
 COMPILED = ("plain_compiled", "fsdp2_compiled", "fsdp2_compiled_dynamic", "fsdp2_compiled_whole")
-CANDIDATES = ("plain", "ddp", *FSDP2_VARIANTS, "fsdp2", *COMPILED, "zero2", "zero3")
+CANDIDATES = ("plain", "ddp", *FSDP2_VARIANTS, "fsdp2", "fsdp2_trainer", *COMPILED, "zero2", "zero3")
 PROFILE_AREAS = (  # first match wins: (label, substring of the function's file or name)
     ("FSDP2", "distributed/fsdp"),
     ("FSDP2", "_fsdp"),
@@ -172,9 +175,13 @@ def build_torch_candidate(name: str, args, model_name: str, batch: int, images, 
 
     world = dist.get_world_size()
     cfg = config(args, model_name, batch, "fsdp2" if name.startswith("fsdp2") else "ddp")
-    model = compiled_as(name, fresh_model(model_name))
     units = 0
-    if name.startswith("fsdp2"):
+    if name == "fsdp2_trainer":
+        model = parallel.build_model(lambda: fresh_model(model_name), cfg, accelerator)
+        units = fsdp_units(model)
+    else:
+        model = compiled_as(name, fresh_model(model_name))
+    if name.startswith("fsdp2") and name != "fsdp2_trainer":
         options = FSDP2_VARIANTS.get(name) or parallel.fsdp2_options(cfg)
         parallel.shard_fsdp2(model, parallel.device_mesh(world, "cpu"), options)
         units = fsdp_units(model)

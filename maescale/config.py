@@ -148,7 +148,8 @@ class ParallelConfig:
     strategy: Literal["ddp", "fsdp2", "deepspeed"] = opt(
         "ddp",
         "ddp replicates the model; fsdp2 shards the blocks (parallel.blocks_per_unit per unit), the decoder "
-        "and the rest; deepspeed uses ZeRO (parallel.zero_stage); ddp on one process is plain training."
+        "and the rest; deepspeed uses ZeRO (parallel.zero_stage); ddp on one process is plain training, and so "
+        "is fsdp2 there unless parallel.cpu_offload (nothing to shard; the checkpoints resume sharded)."
     )
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters.")
     activation_checkpointing: Literal[False, True, "selective"] = opt(

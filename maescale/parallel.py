@@ -4,7 +4,8 @@
 (`choose_backend`: NCCL when every local process has a GPU of its own, otherwise gloo with
 the processes computing on the CPU, so the same code runs in tests without a GPU and on a
 one-GPU machine); `build_model` constructs the model so that no process of a sharded run
-holds it whole (FSDP2 from the meta device, ZeRO-3 under `deepspeed.zero.Init`);
+holds it whole (FSDP2 from the meta device, ZeRO-3 under `deepspeed.zero.Init`); FSDP2 over one
+process shards nothing, so there the model trains whole (`shards_with_fsdp2`);
 `parallelize` applies, in this order, activation checkpointing,
 compilation (per block under FSDP2), FSDP2 sharding of the encoder blocks in groups, of the
 decoder blocks as one unit, and then of the root (so the embeddings, tokens and norms outside
@@ -60,10 +61,23 @@ def build_accelerator(cfg: Config) -> Accelerator:
         _single_process_rendezvous()
         # bf16 is in the DeepSpeed config; Accelerate reads the precision from the plugin.
         return Accelerator(deepspeed_plugin=deepspeed_plugin(cfg, on_cpu), kwargs_handlers=handlers)
-    # FSDP2 casts parameters itself (MixedPrecisionPolicy); autocast is for DDP only.
-    autocast_bf16 = cfg.train.precision == "bf16" and cfg.parallel.strategy == "ddp"
+    # FSDP2 casts parameters itself (MixedPrecisionPolicy); autocast is for a model held whole.
+    autocast_bf16 = cfg.train.precision == "bf16" and not shards_with_fsdp2(cfg, launched_processes())
     # On the CPU, Accelerate only treats a launch as distributed (MULTI_CPU) when told cpu=True.
     return Accelerator(cpu=on_cpu, mixed_precision="bf16" if autocast_bf16 else "no", kwargs_handlers=handlers)
+
+
+def shards_with_fsdp2(cfg: Config, processes: int) -> bool:
+    """Whether the model is cut into FSDP2 units: under parallel.strategy=fsdp2 on several processes,
+    or on one with CPU offload (FSDP2 then keeps the weights in host memory).
+
+    Over one process there is nothing to shard, yet FSDP2 still copies every weight into its
+    gathered buffers and every gradient into its reduce buffer, and runs its hooks, every step:
+    1.3-1.8x the plain step on CPU (docs/BENCHMARKS.md). There the model trains whole, built from
+    the meta device like a sharded one, with bf16 under autocast, and writes the same
+    torch.distributed.checkpoint files, which resume sharded on any number of processes.
+    """
+    return cfg.parallel.strategy == "fsdp2" and (processes > 1 or cfg.parallel.cpu_offload)
 
 
 def choose_backend(requested: str, gpus: int, processes_on_node: int) -> str:
@@ -180,9 +194,10 @@ def start_process_group_of_one(device: torch.device) -> None:
 
 @contextmanager
 def process_group_for(cfg: Config):
-    """FSDP2 shards over a process group, also of one process; Accelerate starts none for a single
-    process (no launcher, or a launcher asked for one), so the run gets one of its own, ended with it."""
-    if cfg.parallel.strategy != "fsdp2" or launched_processes() > 1 or dist.is_initialized():
+    """FSDP2 shards over a process group, also of one process (CPU offload); Accelerate starts none
+    for a single process (no launcher, or a launcher asked for one), so the run gets one of its own,
+    ended with it."""
+    if not shards_with_fsdp2(cfg, 1) or launched_processes() > 1 or dist.is_initialized():
         yield
         return
     on_gpu = choose_backend(cfg.parallel.backend, torch.cuda.device_count(), 1) == "nccl"
@@ -205,7 +220,8 @@ def build_model(build: Callable[[], nn.Module], cfg: Config, accelerator: Accele
     shards it, and materialises and fills only the local shards; DeepSpeed ZeRO-3 partitions
     every module's parameters as soon as the module exists (`deepspeed.zero.Init`). The weights
     equal a single-process build's, whatever the sharding (see `init_weights`). DDP and ZeRO-1/2
-    hold the whole model in every process anyway and build it directly.
+    hold the whole model in every process anyway and build it directly; so does FSDP2 over one
+    process, but from the meta device straight onto the device.
     """
     if cfg.parallel.strategy == "fsdp2":
         with torch.device("meta"):
@@ -244,7 +260,9 @@ def fill_zero3_partitions(model: nn.Module) -> None:
 def parallelize(model: nn.Module, cfg: Config, accelerator: Accelerator) -> nn.Module:
     """Activation checkpointing -> compile -> FSDP2 on the blocks -> FSDP2 on the root (in place)."""
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
-    sharded = cfg.parallel.strategy == "fsdp2"
+    if cfg.parallel.strategy == "fsdp2":
+        require_divides(accelerator.num_processes, cfg.parallel.replicate_degree)
+    sharded = shards_with_fsdp2(cfg, accelerator.num_processes)
     if cfg.train.compile and sharded:
         compile_blocks(model)  # each block on its own, so FSDP2's hooks stay outside the graphs
     elif cfg.train.compile:
@@ -394,11 +412,15 @@ def device_mesh(world: int, device_type: str, replicate: int = 1):
 
     if not dist.is_initialized():
         raise StrategyError("parallel.strategy=fsdp2 needs a process group: launch with accelerate launch or torchrun")
-    if world % replicate:
-        raise StrategyError(f"parallel.replicate_degree={replicate} does not divide the {world} processes")
+    require_divides(world, replicate)
     if replicate == 1:
         return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
     return init_device_mesh(device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def require_divides(world: int, replicate: int) -> None:
+    if world % replicate:
+        raise StrategyError(f"parallel.replicate_degree={replicate} does not divide the {world} processes")
 
 
 def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, accelerator: Accelerator):
@@ -476,14 +498,18 @@ def check_active(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str
             f"the model itself: use configs/accelerate/*.yaml and set parallel.strategy instead"
         )
     if strategy == "fsdp2":
-
-        sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
-        if len(sharded) != len(list(model.parameters())):
-            raise StrategyError("parallel.strategy=fsdp2 but some parameters are not sharded")
+        sharded = sum(isinstance(p, DTensor) for p in model.parameters())
+        expected = len(list(model.parameters())) if shards_with_fsdp2(cfg, world) else 0
+        if sharded != expected:
+            raise StrategyError(f"parallel.strategy=fsdp2 on {world} process(es): {sharded} of "
+                                f"{len(list(model.parameters()))} parameters are sharded, expected {expected}")
     elif strategy == "ddp" and world > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
         raise StrategyError(f"parallel.strategy=ddp on {world} processes but the model is not DDP-wrapped")
     held = 100 * local_parameter_fraction(model)
-    return f"{strategy} on {world} process(es) ({_placement(accelerator)}), {held:.1f}% of the parameters held here"
+    line = f"{strategy} on {world} process(es) ({_placement(accelerator)}), {held:.1f}% of the parameters held here"
+    if strategy == "fsdp2" and not shards_with_fsdp2(cfg, world):
+        line += " (nothing to shard over one process: the model trains whole, without FSDP2 units)"
+    return line
 
 
 def _check_deepspeed(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str:

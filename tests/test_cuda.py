@@ -94,15 +94,19 @@ def test_fsdp2_over_one_gpu_trains_as_the_plain_model():
         assert sharded == pytest.approx(plain, rel=1e-4)
 
 
-def test_fsdp2_trainer_on_one_gpu_without_a_launcher_trains_as_ddp(tmp_path):
+@pytest.mark.parametrize("offload, placement", [(False, "(cuda, no process group)"), (True, "(cuda, nccl)")],
+                         ids=["whole", "offload"])
+def test_fsdp2_trainer_on_one_gpu_without_a_launcher_trains_as_ddp(tmp_path, offload, placement):
+    """Over one GPU the model trains whole; CPU offload keeps FSDP2 over an NCCL group of one."""
     from conftest import TINY_RUN, run_maescale
 
     from maescale.metrics import read_metrics
 
     common = [*TINY_RUN, "train.max_steps=3"]
     run_maescale("pretrain", *common, f"output_dir={tmp_path / 'ddp'}")
-    result = run_maescale("pretrain", *common, "parallel.strategy=fsdp2", f"output_dir={tmp_path / 'fsdp2'}")
-    assert "fsdp2 on 1 process(es) (cuda, nccl)" in result.stdout
+    result = run_maescale("pretrain", *common, "parallel.strategy=fsdp2",
+                          f"parallel.cpu_offload={str(offload).lower()}", f"output_dir={tmp_path / 'fsdp2'}")
+    assert f"fsdp2 on 1 process(es) {placement}" in result.stdout
     ddp, fsdp2 = ([r["loss"] for r in read_metrics(tmp_path / name)] for name in ("ddp", "fsdp2"))
     assert fsdp2 == pytest.approx(ddp, rel=1e-4)
 

@@ -129,12 +129,19 @@ def test_two_processes_match_one(tmp_path, single, name, overrides, tolerance):
         assert torch.allclose(value, reference[key], atol=tolerance, rtol=tolerance), key
 
 
-def test_fsdp2_on_one_process_accumulating_matches_the_plain_model(tmp_path, single):
-    """FSDP2 with no launcher: a process group of its own, gradients reduced in place
-    (parallel.ReduceOverOneRank), 2 micro-batches of 8 added up: the plain model's batches of 16."""
+@pytest.mark.parametrize("offload, line", [
+    # Nothing to shard over one process: the model trains whole, with no process group.
+    (False, r"\(cpu, no process group\), 100\.0% of the parameters held here \(nothing to shard over one process"),
+    # CPU offload keeps FSDP2: a process group of its own, gradients reduced in place
+    # (parallel.ReduceOverOneRank).
+    (True, r"\(cpu, gloo\), 100\.0% of the parameters held here\n"),
+], ids=["whole", "offload"])
+def test_fsdp2_on_one_process_accumulating_matches_the_plain_model(tmp_path, single, offload, line):
+    """FSDP2 with no launcher, 2 micro-batches of 8 added up: the plain model's batches of 16."""
     out = tmp_path / "fsdp2_one"
-    result = run(out, 1, "parallel.strategy=fsdp2", "data.batch_size=8", "train.accum_iter=2", *KNN_MONITOR)
-    assert re.search(r"fsdp2 on 1 process\(es\) \(cpu, gloo\), 100\.0% of the parameters held here", result.stdout)
+    result = run(out, 1, "parallel.strategy=fsdp2", f"parallel.cpu_offload={str(offload).lower()}",
+                 "data.batch_size=8", "train.accum_iter=2", *KNN_MONITOR)
+    assert re.search(r"fsdp2 on 1 process\(es\) " + line, result.stdout), result.stdout
     assert "Warning" not in result.stderr, result.stderr[-3000:]
     assert losses(out) == pytest.approx(losses(single), rel=1e-4)
     assert knn_rows(out) == knn_rows(single)
@@ -163,7 +170,7 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_back(tmp_path, single, stra
     run(two_then_one, 2, "parallel.strategy=fsdp2", steps=6)
     run(two_then_one, 1, steps=9)
     one_then_two = tmp_path / "one_then_two"
-    run(one_then_two, 1, steps=6)
+    run(one_then_two, 1, "parallel.strategy=fsdp2", steps=6)  # the model whole, nothing to shard
     result = run(one_then_two, 2, "parallel.strategy=fsdp2", steps=9)
     assert "resumed from" in result.stdout + result.stderr
     for resumed in (two_then_one, one_then_two):
