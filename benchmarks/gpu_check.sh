@@ -4,8 +4,10 @@
 #   1. tests:   the CUDA-marked tests, the backend choice, and the 2-process tests on the gloo fallback
 #   2. sweep:   ViT-B/L/H eager bf16 at batch 64/128/256: images/s, MFU, peak memory; best batch each
 #   3. best:    plain step at the best batch: eager vs torch.compile (whole model, per block)
-#   4. fsdp2:   FSDP2 over one GPU at the best batch (maescale's cut: bf16 params, fp32 reduction)
+#   4. fsdp2:   FSDP2 units over one GPU at the best batch (maescale's cut: bf16 params, fp32
+#               reduction): FSDP2's own cost, which the trainer avoids on one process
 #   5. trainer: `maescale pretrain` (ViT-L bf16, synthetic data) under DDP and FSDP2 vs the bare step
+#               (on one process parallel.strategy=fsdp2 trains the model whole: the line says so)
 #   6. host:    the host-overhead table on this machine's CPU (benchmarks/host_overhead.py)
 #   7. masking noise: the device-side hash vs per-sample host generators
 # Results: OUT_DIR/table.md (Markdown), OUT_DIR/results.jsonl, OUT_DIR/tests.txt, OUT_DIR/trainer/.

@@ -262,3 +262,13 @@ def test_a_custom_gpu_memory_changes_what_fits():
 
     small, h100 = largest("--gpu-memory", "20"), largest("--gpu", "H100")
     assert 0 < small < h100
+
+
+def test_plan_of_fsdp2_on_one_gpu_is_the_whole_model_the_trainer_runs():
+    args = ("--model", "mae_vit_base_patch16", "--world-size", "1", "--batch-size", "32")
+    fsdp2 = run_maescale("plan", *args, "--strategy", "fsdp2").stdout
+    ddp = run_maescale("plan", *args, "--strategy", "ddp").stdout
+    note, rest = fsdp2.split("\n", 1)
+    assert "nothing to shard" in note and rest == ddp
+    offloaded = run_maescale("plan", *args, "--strategy", "fsdp2", "--cpu-offload").stdout
+    assert "nothing to shard" not in offloaded and "fsdp2 with CPU offload" in offloaded
