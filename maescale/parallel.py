@@ -73,7 +73,7 @@ def shards_with_fsdp2(cfg: Config, processes: int) -> bool:
 
     Over one process there is nothing to shard, yet FSDP2 still copies every weight into its
     gathered buffers and every gradient into its reduce buffer, and runs its hooks, every step:
-    1.3-1.8x the plain step on CPU (docs/BENCHMARKS.md). There the model trains whole, built from
+    1.25-1.9x the plain step on CPU (docs/BENCHMARKS.md). There the model trains whole, built from
     the meta device like a sharded one, with bf16 under autocast, and writes the same
     torch.distributed.checkpoint files, which resume sharded on any number of processes.
     """
@@ -424,8 +424,9 @@ def require_divides(world: int, replicate: int) -> None:
 
 
 def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, accelerator: Accelerator):
-    """Wrap for the strategy: DDP and DeepSpeed through Accelerate; an FSDP2 model is already sharded."""
-    if cfg.parallel.strategy in ("ddp", "deepspeed"):
+    """Wrap for the strategy: DDP, DeepSpeed and a whole model (bf16 autocast) through Accelerate;
+    an FSDP2 model is already sharded."""
+    if not shards_with_fsdp2(cfg, accelerator.num_processes):
         return accelerator.prepare(model, optimizer)
     return model, optimizer
 

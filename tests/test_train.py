@@ -179,6 +179,18 @@ def test_fsdp2_runs_on_one_process_and_leaves_no_process_group_behind(tmp_path, 
     assert first == second
 
 
+def test_fsdp2_on_one_process_trains_the_whole_model_under_autocast(tmp_path, tiny_overrides):
+    """Nothing to shard over one process: fsdp2 bf16 is the whole model under autocast, as ddp."""
+    common = [*tiny_overrides[1:], "train.max_steps=2", "train.precision=bf16"]
+    losses = {}
+    for strategy in ("ddp", "fsdp2"):
+        pretrain(load_config(None, [f"output_dir={tmp_path / strategy}", *common, f"parallel.strategy={strategy}"]))
+        losses[strategy] = [r["loss"] for r in read_metrics(tmp_path / strategy)]
+    fp32 = tmp_path / "fp32"
+    pretrain(load_config(None, [f"output_dir={fp32}", *tiny_overrides[1:], "train.max_steps=2"]))
+    assert losses["fsdp2"] == losses["ddp"] != [r["loss"] for r in read_metrics(fp32)]
+
+
 def test_compiled_model_trains_like_eager_and_saves_plain_keys(tmp_path, tiny_overrides):
     common = [*tiny_overrides[1:], "train.max_steps=3"]
     pretrain(load_config(None, [f"output_dir={tmp_path / 'eager'}", *common]))
