@@ -175,16 +175,14 @@ def build_torch_candidate(name: str, args, model_name: str, batch: int, images, 
 
     world = dist.get_world_size()
     cfg = config(args, model_name, batch, "fsdp2" if name.startswith("fsdp2") else "ddp")
-    units = 0
     if name == "fsdp2_trainer":
         model = parallel.build_model(lambda: fresh_model(model_name), cfg, accelerator)
-        units = fsdp_units(model)
     else:
         model = compiled_as(name, fresh_model(model_name))
-    if name.startswith("fsdp2") and name != "fsdp2_trainer":
-        options = FSDP2_VARIANTS.get(name) or parallel.fsdp2_options(cfg)
-        parallel.shard_fsdp2(model, parallel.device_mesh(world, "cpu"), options)
-        units = fsdp_units(model)
+        if name.startswith("fsdp2"):
+            options = FSDP2_VARIANTS.get(name) or parallel.fsdp2_options(cfg)
+            parallel.shard_fsdp2(model, parallel.device_mesh(world, "cpu"), options)
+    units = fsdp_units(model)
     optimizer = build_optimizer(model, cfg, 1e-4, local_shards=name != "fsdp2_before")
     clip = torch.nn.utils.clip_grad_norm_ if name == "fsdp2_before" else parallel.clip_grad_norm
     if name == "ddp":

@@ -193,12 +193,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from .parallel import shards_with_fsdp2
     from .plan import DEFAULT_HEADROOM, DEFAULT_UTILISATION, Setup, format_plan, format_sweep, lookup_gpu, plan, sweep
 
     strategy = args.strategy
-    if strategy == "fsdp2" and args.world_size == 1 and not args.cpu_offload:
+    if strategy == "fsdp2" and not shards_with_fsdp2(args, args.world_size):
         print("fsdp2 on one GPU: nothing to shard, the trainer holds the model whole as ddp does; planned as ddp")
-        strategy = "ddp"  # as parallel.shards_with_fsdp2 decides
+        strategy = "ddp"
     setup = Setup(
         strategy=strategy, world_size=args.world_size, precision=args.precision, batch_size=args.batch_size,
         activation_checkpointing=PLAN_CHECKPOINTING[args.activation_checkpointing],

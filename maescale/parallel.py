@@ -62,14 +62,15 @@ def build_accelerator(cfg: Config) -> Accelerator:
         # bf16 is in the DeepSpeed config; Accelerate reads the precision from the plugin.
         return Accelerator(deepspeed_plugin=deepspeed_plugin(cfg, on_cpu), kwargs_handlers=handlers)
     # FSDP2 casts parameters itself (MixedPrecisionPolicy); autocast is for a model held whole.
-    autocast_bf16 = cfg.train.precision == "bf16" and not shards_with_fsdp2(cfg, launched_processes())
+    autocast_bf16 = cfg.train.precision == "bf16" and not shards_with_fsdp2(cfg.parallel, launched_processes())
     # On the CPU, Accelerate only treats a launch as distributed (MULTI_CPU) when told cpu=True.
     return Accelerator(cpu=on_cpu, mixed_precision="bf16" if autocast_bf16 else "no", kwargs_handlers=handlers)
 
 
-def shards_with_fsdp2(cfg: Config, processes: int) -> bool:
+def shards_with_fsdp2(settings, processes: int) -> bool:
     """Whether the model is cut into FSDP2 units: under parallel.strategy=fsdp2 on several processes,
-    or on one with CPU offload (FSDP2 then keeps the weights in host memory).
+    or on one with CPU offload (FSDP2 then keeps the weights in host memory). `settings`: anything
+    with the `strategy` and `cpu_offload` of `cfg.parallel` (also `maescale plan`'s arguments).
 
     Over one process there is nothing to shard, yet FSDP2 still copies every weight into its
     gathered buffers and every gradient into its reduce buffer, and runs its hooks, every step:
@@ -77,7 +78,7 @@ def shards_with_fsdp2(cfg: Config, processes: int) -> bool:
     the meta device like a sharded one, with bf16 under autocast, and writes the same
     torch.distributed.checkpoint files, which resume sharded on any number of processes.
     """
-    return cfg.parallel.strategy == "fsdp2" and (processes > 1 or cfg.parallel.cpu_offload)
+    return settings.strategy == "fsdp2" and (processes > 1 or settings.cpu_offload)
 
 
 def choose_backend(requested: str, gpus: int, processes_on_node: int) -> str:
@@ -197,7 +198,7 @@ def process_group_for(cfg: Config):
     """FSDP2 shards over a process group, also of one process (CPU offload); Accelerate starts none
     for a single process (no launcher, or a launcher asked for one), so the run gets one of its own,
     ended with it."""
-    if not shards_with_fsdp2(cfg, 1) or launched_processes() > 1 or dist.is_initialized():
+    if not shards_with_fsdp2(cfg.parallel, 1) or launched_processes() > 1 or dist.is_initialized():
         yield
         return
     on_gpu = choose_backend(cfg.parallel.backend, torch.cuda.device_count(), 1) == "nccl"
@@ -262,7 +263,7 @@ def parallelize(model: nn.Module, cfg: Config, accelerator: Accelerator) -> nn.M
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     if cfg.parallel.strategy == "fsdp2":
         require_divides(accelerator.num_processes, cfg.parallel.replicate_degree)
-    sharded = shards_with_fsdp2(cfg, accelerator.num_processes)
+    sharded = shards_with_fsdp2(cfg.parallel, accelerator.num_processes)
     if cfg.train.compile and sharded:
         compile_blocks(model)  # each block on its own, so FSDP2's hooks stay outside the graphs
     elif cfg.train.compile:
@@ -426,7 +427,7 @@ def require_divides(world: int, replicate: int) -> None:
 def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, accelerator: Accelerator):
     """Wrap for the strategy: DDP, DeepSpeed and a whole model (bf16 autocast) through Accelerate;
     an FSDP2 model is already sharded."""
-    if not shards_with_fsdp2(cfg, accelerator.num_processes):
+    if not shards_with_fsdp2(cfg.parallel, accelerator.num_processes):
         return accelerator.prepare(model, optimizer)
     return model, optimizer
 
@@ -498,19 +499,21 @@ def check_active(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str
             f"the accelerate launch config asks for {accelerator.distributed_type.value} but maescale shards "
             f"the model itself: use configs/accelerate/*.yaml and set parallel.strategy instead"
         )
+    whole = ""
     if strategy == "fsdp2":
-        sharded = sum(isinstance(p, DTensor) for p in model.parameters())
-        expected = len(list(model.parameters())) if shards_with_fsdp2(cfg, world) else 0
+        params = list(model.parameters())
+        sharded = sum(isinstance(p, DTensor) for p in params)
+        expected = len(params) if shards_with_fsdp2(cfg.parallel, world) else 0
         if sharded != expected:
             raise StrategyError(f"parallel.strategy=fsdp2 on {world} process(es): {sharded} of "
-                                f"{len(list(model.parameters()))} parameters are sharded, expected {expected}")
+                                f"{len(params)} parameters are sharded, expected {expected}")
+        if not expected:
+            whole = " (nothing to shard over one process: the model trains whole, without FSDP2 units)"
     elif strategy == "ddp" and world > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
         raise StrategyError(f"parallel.strategy=ddp on {world} processes but the model is not DDP-wrapped")
     held = 100 * local_parameter_fraction(model)
-    line = f"{strategy} on {world} process(es) ({_placement(accelerator)}), {held:.1f}% of the parameters held here"
-    if strategy == "fsdp2" and not shards_with_fsdp2(cfg, world):
-        line += " (nothing to shard over one process: the model trains whole, without FSDP2 units)"
-    return line
+    return (f"{strategy} on {world} process(es) ({_placement(accelerator)}), {held:.1f}% of the parameters held "
+            f"here{whole}")
 
 
 def _check_deepspeed(model: nn.Module, cfg: Config, accelerator: Accelerator) -> str:
