@@ -152,7 +152,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         steps=args.steps,
         warmup=args.warmup,
         device=args.device,
-        strategy=args.strategy,
         variant=variant,
     )
     print(TABLE_HEADER, TABLE_RULE, table_row(result), sep="\n")
@@ -193,26 +192,30 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .parallel import shards_with_fsdp2
+    from .config import ConfigError
     from .plan import DEFAULT_HEADROOM, DEFAULT_UTILISATION, Setup, format_plan, format_sweep, lookup_gpu, plan, sweep
+    from .train import model_from_config
 
-    strategy = args.strategy
-    if strategy == "fsdp2" and not shards_with_fsdp2(args, args.world_size):
-        print("fsdp2 on one GPU: nothing to shard, the trainer holds the model whole as ddp does; planned as ddp")
-        strategy = "ddp"
-    setup = Setup(
-        strategy=strategy, world_size=args.world_size, precision=args.precision, batch_size=args.batch_size,
-        activation_checkpointing=PLAN_CHECKPOINTING[args.activation_checkpointing],
-        replicate_degree=args.replicate_degree, cpu_offload=args.cpu_offload, blocks_per_unit=args.blocks_per_unit,
-        reshard_after_forward=args.reshard_after_forward,
-    )
+    for flag, key in RETIRED_PLAN_FLAGS.items():
+        if getattr(args, _retired_dest(flag)) is not None:
+            raise ConfigError(f"{flag} is now the config key {key}: maescale plan [--config FILE] {key}=... "
+                              "(the plan reads what pretrain reads)")
+    cfg = load_config(args.config, args.overrides)
+    if args.world_size < 1 or args.gpus_per_node < 1:
+        raise ConfigError("--world-size and --gpus-per-node must be positive")
+    nodes = max(1, args.world_size // args.gpus_per_node)
+    setup = Setup.from_config(cfg, args.world_size, nodes)
     gpu = lookup_gpu(args.gpu, args.gpu_memory)
     mfu = DEFAULT_UTILISATION if args.mfu is None else args.mfu
     headroom = DEFAULT_HEADROOM if args.headroom is None else args.headroom
     if args.sweep:
         print(format_sweep(sweep(setup, gpu, mfu, headroom)))
-    else:
-        print(format_plan(plan(args.model, setup, gpu, mfu, headroom)))
+        return 0
+    import torch
+
+    with torch.device("meta"):
+        model = model_from_config(cfg)
+    print(format_plan(plan(model, setup, gpu, mfu, headroom, name=cfg.model.name)))
     return 0
 
 
@@ -320,7 +323,8 @@ def _add_bench_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="steady-state training throughput of one model step",
-        description="Time forward + backward + AdamW on random images, excluding warm-up steps.",
+        description="Time forward + backward + AdamW of one process holding the whole model (every strategy's "
+        "step on one GPU; bf16 by autocast) on random images, excluding warm-up steps.",
     )
     p.add_argument("--model", default="mae_vit_base_patch16", help="named MAE configuration")
     p.add_argument("--batch-size", type=int, default=8)
@@ -329,8 +333,6 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--strategy", choices=["plain", "fsdp2"], default="plain",
-                   help="fsdp2: shard per block over a process group of one")
     p.add_argument("--attention", choices=["sdpa", "explicit"], default="sdpa",
                    help="fused scaled_dot_product_attention or explicit softmax")
     p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
@@ -389,8 +391,17 @@ def _add_stats_parser(sub) -> None:
     p.set_defaults(func=cmd_stats)
 
 
-# `--activation-checkpointing` values -> parallel.activation_checkpointing
-PLAN_CHECKPOINTING = {"false": False, "true": True, "full": True, "selective": "selective"}
+# Flags of earlier versions of `maescale plan`, refused with the config key that replaced them.
+RETIRED_PLAN_FLAGS = {
+    "--model": "model.name", "--strategy": "parallel.strategy", "--batch-size": "data.batch_size",
+    "--precision": "train.precision", "--activation-checkpointing": "parallel.activation_checkpointing",
+    "--replicate-degree": "parallel.replicate_degree", "--cpu-offload": "parallel.cpu_offload",
+    "--blocks-per-unit": "parallel.blocks_per_unit", "--reshard-after-forward": "parallel.reshard_after_forward",
+}
+
+
+def _retired_dest(flag: str) -> str:
+    return "retired_" + flag.strip("-").replace("-", "_")
 
 
 def _add_plan_parser(sub) -> None:
@@ -398,22 +409,15 @@ def _add_plan_parser(sub) -> None:
         "plan",
         help="predict per-GPU memory, step time and the batches that fit, before launching",
         description="Simulate one training step's memory per GPU (weights, gradients, AdamW state, activations, "
-        "all-gather and bucket buffers; the peak and when it happens) and its compute time at a stated MFU. "
+        "all-gather and bucket buffers; the peak and when it happens) and its compute time at a stated MFU, for "
+        "what `maescale pretrain` runs with the same config and overrides on --world-size GPUs. "
         "Predictions of allocated memory; checked against measurements in docs/BENCHMARKS.md.",
     )
-    p.add_argument("--model", default="mae_vit_large_patch16", help="named MAE configuration")
-    p.add_argument("--sweep", action="store_true", help="one table row for every named model instead")
-    p.add_argument("--strategy", default="ddp", help="ddp, fsdp2, hsdp, zero1, zero2 or zero3")
+    _add_config_arguments(p)
     p.add_argument("--world-size", type=int, default=8, help="GPUs in the job")
-    p.add_argument("--replicate-degree", type=int, default=1, help="hsdp: replicas (e.g. nodes)")
-    p.add_argument("--cpu-offload", action="store_true", help="fsdp2/hsdp: state in host memory")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--batch-size", type=int, default=64, help="images per GPU")
-    p.add_argument("--activation-checkpointing", choices=list(PLAN_CHECKPOINTING), default="false",
-                   help="as parallel.activation_checkpointing: true (= full) recomputes every block, selective "
-                   "keeps matmul and attention outputs")
-    p.add_argument("--blocks-per-unit", type=int, default=4, help="fsdp2: encoder blocks per unit")
-    p.add_argument("--reshard-after-forward", action="store_true", help="fsdp2: free gathered encoder weights")
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="GPUs per node (hsdp replicates across the nodes unless parallel.replicate_degree is set)")
+    p.add_argument("--sweep", action="store_true", help="one table row for every named model instead")
     p.add_argument("--gpu", default="H100", help="H200, H100, A100-80GB or A100-40GB")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="memory of the GPU instead")
     p.add_argument("--mfu", type=float, default=None,
@@ -421,6 +425,8 @@ def _add_plan_parser(sub) -> None:
                    "0.36-0.40, eager 0.27-0.33)")
     p.add_argument("--headroom", type=float, default=None,
                    help="share of GPU memory kept free for the CUDA context, NCCL and fragmentation (default 0.1)")
+    for flag in RETIRED_PLAN_FLAGS:
+        p.add_argument(flag, dest=_retired_dest(flag), nargs="?", const="", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_plan)
 
 

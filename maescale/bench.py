@@ -22,12 +22,12 @@ from typing import Callable
 import torch
 
 from . import parallel
+from .layout import Layout
 from .metrics import device_peak_flops, mae_train_flops_per_image
 from .models import build_model
 from .optim import LocalShardAdamW, param_groups
 
 ATTENTION_KERNELS = ("sdpa", "explicit")
-STRATEGIES = ("plain", "fsdp2")
 
 
 @dataclass(frozen=True)
@@ -68,23 +68,17 @@ class StepBench:
     """
 
     def __init__(
-        self, model_name: str, *, batch_size: int, precision: str = "fp32", strategy: str = "plain",
-        device: str | None = None, seed: int = 0, **model_overrides,
+        self, model_name: str, *, batch_size: int, precision: str = "fp32", device: str | None = None, seed: int = 0,
+        **model_overrides,
     ):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        # One process holding the whole model: what every strategy's step is on one GPU.
+        self.layout = Layout(precision=precision)
         self.device = pick_device(device)
-        self.model_name, self.batch_size, self.precision, self.strategy = model_name, batch_size, precision, strategy
+        self.model_name, self.batch_size, self.precision = model_name, batch_size, precision
         torch.manual_seed(seed)
         # Built with the encoder's mask token so that every variant can run on it; the
         # default path never touches that parameter (its gradient stays None, AdamW skips it).
         self.model = build_model(model_name, mask_tokens_in_encoder=True, **model_overrides).to(self.device)
-        if strategy == "fsdp2":  # over a process group of one: FSDP2's own cost, without a second device
-            parallel.start_process_group_of_one(self.device)
-            mesh = parallel.device_mesh(1, self.device.type)
-            parallel.shard_fsdp2(self.model, mesh, parallel.FSDP2Options(precision=precision))
         self.images = torch.randn(batch_size, self.model.in_chans, *self.model.img_size, device=self.device)
         self._optimizers: dict[bool, torch.optim.Optimizer] = {}
         self._compiled: torch.nn.Module | None = None
@@ -125,9 +119,7 @@ class StepBench:
         module = self.forward_module(variant.compile)
         optimizer = self.optimizer(variant.fused_adamw)
         images = self.images
-        # FSDP2 casts the parameters itself (as in maescale/parallel.py); autocast is for plain.
-        use_autocast = self.precision == "bf16" and self.strategy == "plain"
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.layout.autocast else nullcontext()
 
         def step() -> torch.Tensor:
             with autocast:
@@ -205,7 +197,7 @@ def paired_ratio(reference: list[float], candidate: list[float]) -> float:
 
 def compare_variants(
     model_name: str, variants: dict[str, StepVariant], *, batch_size: int, precision: str = "fp32",
-    strategy: str = "plain", rounds: int = 3, steps_per_round: int = 2, warmup: int = 2,
+    rounds: int = 3, steps_per_round: int = 2, warmup: int = 2,
     device: str | None = None, seed: int = 0,
     others: dict[str, Callable[[torch.Tensor], Callable[[], object]]] | None = None,
     log: Callable[[str], None] | None = None, clock: str = "wall", **model_overrides,
@@ -216,8 +208,8 @@ def compare_variants(
     written in a benchmark): each entry builds a step closure from the input images; their
     FLOPs are counted as those of the default variant.
     """
-    bench = StepBench(model_name, batch_size=batch_size, precision=precision, strategy=strategy,
-                      device=device, seed=seed, **model_overrides)
+    bench = StepBench(model_name, batch_size=batch_size, precision=precision, device=device, seed=seed,
+                      **model_overrides)
     steps = {}
     for name, variant in variants.items():
         bench.apply(variant)
@@ -250,7 +242,7 @@ def _result_row(bench: StepBench, name: str, variant: StepVariant, seconds: floa
         "device": bench.device_name(),
         "batch_size": bench.batch_size,
         "precision": bench.precision,
-        "strategy": bench.strategy,
+        "layout": bench.layout.describe(),
         "steps": steps,
         "step_time_ms": 1000 * seconds,
         "images_per_sec": images_per_sec,
@@ -274,7 +266,6 @@ def bench_train_step(
     warmup: int = 3,
     device: str | None = None,
     seed: int = 0,
-    strategy: str = "plain",
     variant: StepVariant | None = None,
     **model_overrides,
 ) -> dict:
@@ -282,8 +273,8 @@ def bench_train_step(
     variant = variant or StepVariant()
     if compile:
         variant = replace(variant, compile=True)
-    bench = StepBench(model_name, batch_size=batch_size, precision=precision, strategy=strategy,
-                      device=device, seed=seed, **model_overrides)
+    bench = StepBench(model_name, batch_size=batch_size, precision=precision, device=device, seed=seed,
+                      **model_overrides)
     bench.apply(variant)
     step = bench.step_fn(variant)
     for _ in range(warmup):
@@ -301,7 +292,7 @@ TABLE_HEADER = "| model | device | batch | precision | compile | images/s | ms/s
 TABLE_RULE = "|---" * (TABLE_HEADER.count("|") - 1) + "|"
 
 COMPARE_HEADER = (
-    "| model | variant | batch | precision | strategy | images/s | ms/step | speedup | TFLOP/s | MFU | peak GiB |"
+    "| model | variant | batch | precision | images/s | ms/step | speedup | TFLOP/s | MFU | peak GiB |"
 )
 COMPARE_RULE = "|---" * (COMPARE_HEADER.count("|") - 1) + "|"
 
@@ -325,7 +316,7 @@ def compare_row(r: dict) -> str:
     """One Markdown table row (columns of COMPARE_HEADER) for a compare_variants result."""
     mfu, memory = _mfu_and_memory(r)
     return (
-        f"| {r['model']} | {r['variant']} | {r['batch_size']} | {r['precision']} | {r['strategy']} | "
+        f"| {r['model']} | {r['variant']} | {r['batch_size']} | {r['precision']} | "
         f"{r['images_per_sec']:.2f} | {r['step_time_ms']:.1f} | {r['speedup']:.2f}x | {r['tflops']:.3f} | "
         f"{mfu} | {memory} |"
     )

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .layout import STRATEGIES, check_strategy_settings, legacy_override_error, translate_legacy_parallel
 from .sizes import image_hw
 
 
@@ -145,27 +146,27 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: Literal["ddp", "fsdp2", "deepspeed"] = opt(
+    strategy: Literal[tuple(STRATEGIES)] = opt(
         "ddp",
-        "ddp replicates the model; fsdp2 shards the blocks (parallel.blocks_per_unit per unit), the decoder "
-        "and the rest; deepspeed uses ZeRO (parallel.zero_stage); ddp on one process is plain training, and so "
-        "is fsdp2 there unless parallel.cpu_offload (nothing to shard; the checkpoints resume sharded)."
+        "How the processes share the model (maescale/layout.py): "
+        + "; ".join(f"{name}: {what}" for name, what in STRATEGIES.items())
+        + ". On one process ddp and fsdp2 train the model whole (nothing to shard; the checkpoints resume "
+        "sharded), unless parallel.cpu_offload."
     )
-    zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters.")
     activation_checkpointing: Literal[False, True, "selective"] = opt(
         False,
         "true recomputes each transformer block in the backward pass (least memory, ~1/3 more compute); "
         "selective keeps each block's matmul and attention outputs and recomputes the rest (norms, GELU, adds: "
         "a few % more compute for part of the saving)."
     )
-    replicate_degree: int = opt(
-        1,
-        "FSDP2: >1 gives HSDP, replicas of this many groups, each sharding the model (e.g. nodes); must "
-        "divide the process count."
+    replicate_degree: Optional[int] = opt(
+        None,
+        "hsdp: groups the model is replicated across, each sharding it over its processes; must divide the "
+        "process count; null = the number of nodes (shard inside a node, replicate across nodes)."
     )
     cpu_offload: bool = opt(
         False,
-        "FSDP2: keep sharded weights, gradients and optimizer state in host memory and step the optimizer "
+        "fsdp2/hsdp: keep sharded weights, gradients and optimizer state in host memory and step the optimizer "
         "there (fits larger models on fewer GPUs, slower steps)."
     )
     backend: Literal["auto", "nccl", "gloo"] = opt(
@@ -176,23 +177,15 @@ class ParallelConfig:
     )
     blocks_per_unit: int = opt(
         4,
-        "FSDP2: encoder blocks sharded together as one unit (one all-gather and one reduce-scatter per step "
-        "each); fewer units cost less host time per step (docs/BENCHMARKS.md), each holds that many gathered "
-        "blocks at a time."
+        "fsdp2/hsdp: encoder blocks sharded together as one unit (one all-gather and one reduce-scatter per "
+        "step each); fewer units cost less host time per step (docs/BENCHMARKS.md), each holds that many "
+        "gathered blocks at a time."
     )
     reshard_after_forward: bool = opt(
         False,
-        "FSDP2: True frees the encoder's gathered weights after forward and gathers them again in backward "
-        "(ZeRO-3 style: least memory, for models whose bf16 weights do not fit beside the activations); False"
-        " keeps them until backward (ZeRO-2 style: one all-gather per unit per step instead of two, measured "
-        "faster in docs/BENCHMARKS.md)."
-    )
-    forward_prefetch: bool = opt(
-        False,
-        "FSDP2: each unit's pre-forward issues the next unit's all-gather (explicit prefetch), so on GPUs it "
-        "can overlap the current unit's compute even when the host is not ahead; with reshard_after_forward=true "
-        "one more unit is gathered at a time (maescale plan does not count it). Measured no faster on CPU/gloo "
-        "(docs/BENCHMARKS.md), not measured on several GPUs."
+        "fsdp2/hsdp: true frees the encoder's gathered weights after forward and gathers them again in backward "
+        "(least memory, for models whose bf16 weights do not fit beside the activations); false keeps them "
+        "until backward (one all-gather per unit per step instead of two, measured faster in docs/BENCHMARKS.md)."
     )
 
 
@@ -276,6 +269,8 @@ def load_config(
     if path is not None:
         tree = read_yaml_file(Path(path))
         tree.pop(DERIVED, None)  # informational values written by save_resolved
+        if isinstance(tree.get("parallel"), dict):
+            tree["parallel"] = translate_legacy_parallel(tree["parallel"], str(path))
         _merge_tree(cfg, tree, prefix="")
     for item in overrides:
         key, value = _split_override(item)
@@ -308,7 +303,11 @@ def _split_override(item: str) -> tuple[str, str]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.blr=1e-4")
     key, value = item.split("=", 1)
-    return key.strip(), value.strip()
+    key, value = key.strip(), value.strip()
+    legacy = legacy_override_error(key, value)
+    if legacy:
+        raise ConfigError(legacy)
+    return key, value
 
 
 def _merge_tree(node: Any, tree: dict, prefix: str) -> None:
@@ -484,18 +483,12 @@ def validate(cfg: Config) -> None:
                 cfg.train.figure_every is None or cfg.train.figure_every > 0,
                 "train.figure_every must be positive or null",
             ),
-            (cfg.parallel.replicate_degree > 0, "parallel.replicate_degree must be positive"),
             (cfg.parallel.blocks_per_unit > 0, "parallel.blocks_per_unit must be positive"),
-            (cfg.parallel.zero_stage in (1, 2, 3), "parallel.zero_stage must be 1, 2 or 3"),
             (cfg.train.max_nonfinite_skips >= 0, "train.max_nonfinite_skips must be >= 0"),
             (
-                cfg.train.nonfinite == "stop" or cfg.parallel.strategy != "deepspeed",
-                "train.nonfinite=skip is not available with parallel.strategy=deepspeed "
-                "(its engine steps inside backward)",
-            ),
-            (
-                cfg.parallel.strategy == "fsdp2" or not cfg.parallel.cpu_offload,
-                "parallel.cpu_offload needs parallel.strategy=fsdp2",
+                cfg.train.nonfinite == "stop" or not cfg.parallel.strategy.startswith("zero"),
+                f"train.nonfinite=skip is not available with parallel.strategy={cfg.parallel.strategy} "
+                "(DeepSpeed's engine steps inside backward)",
             ),
             (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
             (cfg.checkpoint.keep_last > 0, "checkpoint.keep_last must be positive"),
@@ -508,6 +501,7 @@ def validate(cfg: Config) -> None:
         ]
     )
     check_image_size(cfg.model.img_size, "model.img_size", cfg.model.patch_size)
+    check_strategy_settings(cfg.parallel.strategy, cfg.parallel.replicate_degree, cfg.parallel.cpu_offload)
 
 
 def figure_channel_checks(channels: list[int] | None, in_chans: int) -> list[tuple[bool, str]]:
@@ -521,8 +515,9 @@ def figure_channel_checks(channels: list[int] | None, in_chans: int) -> list[tup
 def required_extras(cfg: Any) -> list[tuple[str, str, str]]:
     """(module, extra, what needs it) for the optional packages a config uses."""
     needed = []
-    if getattr(getattr(cfg, "parallel", None), "strategy", None) == "deepspeed":
-        needed.append(("deepspeed", "deepspeed", "parallel.strategy=deepspeed"))
+    strategy = getattr(getattr(cfg, "parallel", None), "strategy", "")
+    if strategy.startswith("zero"):
+        needed.append(("deepspeed", "deepspeed", f"parallel.strategy={strategy}"))
     if cfg.data.kind == "ffcv":
         needed.append(("ffcv", "ffcv", "data.kind=ffcv"))
     return needed

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim.adam import adam
 
-from .config import Config
+from .config import Config, OptimConfig
 from .shards import full_shape, local_tensor
 
 
@@ -46,15 +46,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: Config, lr: float, local_shards: bool = True) -> torch.optim.AdamW:
-    """AdamW over the MAE parameter groups; `local_shards=False` gives torch's own AdamW, which
-    steps FSDP2's DTensors through DTensor dispatch (kept to measure against)."""
-    optimizer = LocalShardAdamW if local_shards else torch.optim.AdamW
-    return optimizer(
-        param_groups(model, cfg.optim.weight_decay),
+def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW over the MAE parameter groups, as the config's `optim` section says."""
+    return LocalShardAdamW(
+        param_groups(model, optim.weight_decay),
         lr=lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        fused=cfg.optim.fused or None,
+        betas=(optim.beta1, optim.beta2),
+        fused=optim.fused or None,
     )
 
 

@@ -14,9 +14,9 @@ peak is the largest total at any moment rather than the sum of every part:
   ZeRO buckets and gathered ZeRO-3 parameters, and the largest block's backward workspace.
 
 The activation formulas are exact for the CPU kernels (the tests compare them byte for byte
-with `LiveStorageTracker` on small models); the whole model reproduces the H200 peaks recorded in
-docs/BENCHMARKS.md and the CPU rows of benchmarks/memory.py within the tolerance that
-benchmarks/plan_check.py prints. What is predicted is memory allocated by PyTorch (CUDA's
+with an exact live-storage count on small models, tests/storage_tracker.py); the whole model
+reproduces the H200 peaks recorded in docs/BENCHMARKS.md and the CPU rows of benchmarks/memory.py
+within the tolerance that benchmarks/plan_check.py prints. What is predicted is memory allocated by PyTorch (CUDA's
 `max_memory_allocated`); the CUDA context, NCCL's own buffers and the caching allocator's
 fragmentation come on top, which is why batches "fit" only below `DEFAULT_HEADROOM` of the GPU.
 
@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .layout import Layout
 
 __all__ = [
     "GPUS",
     "GPU",
-    "LiveStorageTracker",
     "ModelShape",
     "Plan",
     "Setup",
@@ -51,7 +51,6 @@ __all__ = [
 
 GIB = 2**30
 
-STRATEGIES = ("ddp", "fsdp2", "hsdp", "zero1", "zero2", "zero3")
 CHECKPOINTING = (False, True, "selective")
 
 # Budget for allocated memory: the rest of the GPU goes to the CUDA context and library
@@ -190,17 +189,18 @@ def _block_shape(block: nn.Module, tokens: int) -> BlockShape:
 
 @dataclass(frozen=True)
 class Setup:
-    """How the model is trained: the inputs of the plan other than the model."""
+    """How the model is trained: the inputs of the plan other than the model. The process layout
+    (strategy, processes, replicas, offload, precision) is `layout`, checked there."""
 
-    strategy: str = "ddp"  # ddp | fsdp2 | hsdp | zero1 | zero2 | zero3
+    strategy: str = "ddp"  # a name of maescale.layout.STRATEGIES
     world_size: int = 8
     precision: str = "bf16"  # fp32 | bf16
     batch_size: int = 64  # per GPU
     activation_checkpointing: bool | str = False  # False, True (every block recomputed) or "selective"
-    replicate_degree: int = 1  # HSDP: replicas; the model is sharded over world_size / replicate_degree
-    cpu_offload: bool = False  # FSDP2: sharded weights, gradients and AdamW state in host memory
-    blocks_per_unit: int = 4  # FSDP2: encoder blocks per unit
-    reshard_after_forward: bool = False  # FSDP2: free the encoder's gathered weights after forward
+    replicate_degree: int = 1  # hsdp: replicas; the model is sharded over world_size / replicate_degree
+    cpu_offload: bool = False  # fsdp2/hsdp: sharded weights, gradients and AdamW state in host memory
+    blocks_per_unit: int = 4  # fsdp2/hsdp: encoder blocks per unit
+    reshard_after_forward: bool = False  # fsdp2/hsdp: free the encoder's gathered weights after forward
     # Batches on the device: the trainer holds the current one and the next (prefetch_to_device).
     input_batches: int = 2
     # The first step of a job: no AdamW state yet, and ZeRO-3 has not traced the step, so it
@@ -208,40 +208,47 @@ class Setup:
     first_step: bool = False
 
     def __post_init__(self):
+        self.layout  # noqa: B018  (checks the layout)
         _validate_setup(self)
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int, nodes: int = 1) -> Setup:
+        """What `maescale pretrain` with `cfg` runs on `world_size` GPUs over `nodes` nodes."""
+        layout = Layout.from_config(cfg.parallel, cfg.train.precision, world_size, nodes)
+        p = cfg.parallel
+        return cls(layout.strategy, world_size, layout.precision, cfg.data.batch_size, p.activation_checkpointing,
+                   layout.replicate_degree, layout.cpu_offload, p.blocks_per_unit, p.reshard_after_forward)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.strategy, self.world_size, self.replicate_degree, self.cpu_offload, self.precision)
 
     @property
     def shard_degree(self) -> int:
         """Processes one copy of the sharded state is spread over."""
-        if self.strategy in ("fsdp2", "hsdp"):
-            return self.world_size // self.replicate_degree
-        if self.strategy.startswith("zero"):
-            return self.world_size
-        return 1
+        return self.layout.shard_degree
 
     @property
     def fsdp(self) -> bool:
-        return self.strategy in ("fsdp2", "hsdp")
+        """The model is cut into FSDP2 units (fsdp2/hsdp on one GPU trains it whole, as ddp)."""
+        return self.layout.fsdp2_units
 
     @property
     def zero_stage(self) -> int:
-        return int(self.strategy[-1]) if self.strategy.startswith("zero") else 0
+        return self.layout.zero_stage
+
+    @property
+    def whole(self) -> bool:
+        """Every GPU holds the whole model in fp32, bf16 by autocast (ddp; fsdp2 on one GPU)."""
+        return self.layout.whole_model
 
 
 def _validate_setup(setup: Setup) -> None:
     checks = [
-        (setup.strategy in STRATEGIES, f"unknown strategy {setup.strategy!r}; choose one of {', '.join(STRATEGIES)}"),
-        (setup.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {setup.precision!r}"),
-        (setup.world_size >= 1, f"world size must be at least 1, got {setup.world_size}"),
         (setup.batch_size >= 1, f"batch size must be at least 1, got {setup.batch_size}"),
         (setup.activation_checkpointing in CHECKPOINTING,
          f"activation checkpointing must be false, true or selective, got {setup.activation_checkpointing!r}"),
         (setup.blocks_per_unit >= 1, f"blocks per unit must be at least 1, got {setup.blocks_per_unit}"),
-        (setup.replicate_degree >= 1, f"replicate degree must be at least 1, got {setup.replicate_degree}"),
-        (setup.world_size % setup.replicate_degree == 0,
-         f"replicate degree {setup.replicate_degree} does not divide the world size {setup.world_size}"),
-        (setup.strategy == "hsdp" or setup.replicate_degree == 1, "a replicate degree > 1 needs --strategy hsdp"),
-        (setup.fsdp or not setup.cpu_offload, "CPU offload needs --strategy fsdp2 or hsdp"),
         (setup.input_batches >= 0, f"input batches must be >= 0, got {setup.input_batches}"),
     ]
     for ok, message in checks:
@@ -269,7 +276,7 @@ def activation_dtypes(setup: Setup) -> ActivationDtypes:
     inputs cast) and DeepSpeed (module and images in bf16) compute everything in bf16."""
     if setup.precision == "fp32":
         return ActivationDtypes(residual=4, matmul=4)
-    if setup.strategy == "ddp":
+    if setup.whole:
         return ActivationDtypes(residual=4, matmul=2)
     return ActivationDtypes(residual=2, matmul=2)
 
@@ -411,11 +418,11 @@ class _StepSimulation:
     def __init__(self, shape: ModelShape, setup: Setup):
         self.shape, self.setup = shape, setup
         self.dtypes = activation_dtypes(setup)
-        self.param_bytes = 4 if setup.precision == "fp32" or setup.strategy == "ddp" else 2
+        self.param_bytes = 4 if setup.precision == "fp32" or setup.whole else 2
         self.t = Timeline()
         self.shard = setup.shard_degree
         self.batch = setup.batch_size
-        images_cast = setup.precision == "bf16" and not setup.strategy.startswith("zero")
+        images_cast = setup.precision == "bf16" and not setup.zero_stage
         self.outer = outer_activation_bytes(shape, self.dtypes, images_cast)
         self.blocks = [("encoder", i) for i in range(shape.depth)]
         self.blocks += [("decoder", i) for i in range(shape.decoder_depth)]
@@ -466,9 +473,9 @@ class _StepSimulation:
 
     def zero_bucket_bytes(self) -> int:
         """One reduce bucket, of the size maescale gives DeepSpeed."""
-        from .parallel import zero_bucket_elements
+        from .parallel.zero import zero_bucket_elements
 
-        return self.param_bytes * zero_bucket_elements(self.shape.name)
+        return self.param_bytes * zero_bucket_elements(self.shape.encoder.width)
 
     # ---------------------------------------------------------------- phases
 
@@ -494,7 +501,7 @@ class _StepSimulation:
             t.alloc("master", state["master"], "start")
             if not s.first_step:
                 t.alloc("optimizer", state["optimizer"], "start")
-        if s.strategy == "ddp" and s.world_size > 1:
+        if s.whole and s.world_size > 1:
             t.alloc("ddp_buckets", 4 * self.shape.trainable, "start")  # the Reducer's flat gradient buckets
         if s.zero_stage == 3:
             # Partitioned gradients and one reduce bucket live for the whole run (measured on CPU: docs/BENCHMARKS.md).
@@ -675,7 +682,7 @@ class _StepSimulation:
 
     @property
     def uses_autocast(self) -> bool:
-        return self.setup.precision == "bf16" and self.setup.strategy == "ddp"
+        return self.setup.layout.autocast
 
     def block_matmul_weights(self) -> int:
         shape = self.shape
@@ -730,15 +737,18 @@ class Plan:
         return self.flops_per_image * self.setup.batch_size / (self.utilisation * self.peak_flops)
 
 
-def plan(name: str, setup: Setup, gpu: GPU, utilisation: float = DEFAULT_UTILISATION,
-         headroom: float = DEFAULT_HEADROOM, batches: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)) -> Plan:
-    """Memory, step time and the batches that fit for model `name` trained as `setup` on `gpu`."""
+def plan(model: str | nn.Module, setup: Setup, gpu: GPU, utilisation: float = DEFAULT_UTILISATION,
+         headroom: float = DEFAULT_HEADROOM, batches: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024),
+         name: str | None = None) -> Plan:
+    """Memory, step time and the batches that fit for `model` (a registered name, or a model built on
+    the meta device, e.g. from a config, called `name`) trained as `setup` on `gpu`."""
     if not 0 < utilisation <= 1:
         raise ConfigError(f"the MFU (--mfu) must be in (0, 1], got {utilisation}")
     if not 0 <= headroom < 1:
         raise ConfigError(f"the headroom (--headroom) must be in [0, 1), got {headroom}")
-    model = meta_model(name)
-    shape = shape_of(model, name)
+    if isinstance(model, str):
+        model, name = meta_model(model), model
+    shape = shape_of(model, name or "model")
     result = Plan(shape, setup, gpu, simulate_step(shape, setup), flops_per_image(model, setup),
                   utilisation, peak_flops(gpu, setup.precision), headroom)
     result.fitting = [(b, simulate_step(shape, replace(setup, batch_size=b)).peak <= result.budget) for b in batches]
@@ -781,55 +791,6 @@ def peak_flops(gpu: GPU, precision: str) -> float | None:
     return dense_peak_flops(gpu.device_name, precision)
 
 
-# --------------------------------------------------------------------------- measuring on CPU
-
-
-class LiveStorageTracker(torch.utils._python_dispatch.TorchDispatchMode):
-    """Exact bytes of the tensor storages created inside it that are still alive: the measurement the
-    activation formulas are checked against.
-
-    Every op's outputs pass through `__torch_dispatch__` below autograd, including the ops that
-    non-reentrant and selective checkpointing run under their own saved-tensor hooks and caching
-    mode, and the outputs autograd saves only in C++ (LayerNorm statistics, attention's
-    log-sum-exp). Each new storage is held by a weak reference to its StorageImpl, so after the
-    forward pass the live ones are exactly what the graph (or a checkpoint's cache) keeps, plus
-    what the caller still holds. Storages that existed before (parameters, the input batch) are
-    excluded, so views of weights do not count. Sizes are read when counted, so a storage
-    resized in place counts at its size then (FSDP2 frees its gathered and gradient buffers by
-    resizing them to 0 and allocates them again the same way). With `track_peak`, `peak` is the
-    largest live total seen after any op (a scan of every storage per op: for small models).
-    """
-
-    def __init__(self, existing: list[torch.Tensor] = (), track_peak: bool = False):
-        super().__init__()
-        self._existing = {t.untyped_storage()._cdata for t in existing}
-        self._storages: dict[int, object] = {}  # StorageImpl address -> weak reference to it
-        self.track_peak = track_peak
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._pytree import tree_leaves
-
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and not leaf.is_meta:
-                storage = leaf.untyped_storage()
-                key = storage._cdata
-                known = self._storages.get(key)
-                if key not in self._existing and (known is None or known.expired()):
-                    self._storages[key] = StorageWeakRef(storage)  # new, or a freed one's address
-        if self.track_peak:
-            self.peak = max(self.peak, self.live_bytes())
-        return out
-
-    def live_bytes(self) -> int:
-        dead = [key for key, ref in self._storages.items() if ref.expired()]
-        for key in dead:
-            del self._storages[key]
-        return sum(torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes() for ref in self._storages.values())
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -838,27 +799,20 @@ def _gib(nbytes: float) -> str:
 
 
 def describe_setup(setup: Setup) -> str:
-    strategy = setup.strategy
-    if strategy == "hsdp":
-        strategy = f"hsdp ({setup.replicate_degree} replicas x {setup.shard_degree} shards)"
-    if setup.cpu_offload:
-        strategy += " with CPU offload"
+    """The layout as the trainer's strategy line names it, then what else shapes the step."""
+    line = f"{setup.layout.describe()} on {setup.world_size} GPU(s)"
     if setup.fsdp:
-        strategy += f", {setup.blocks_per_unit} encoder blocks per unit"
-        kept = ", resharded after forward" if setup.reshard_after_forward else ", gathered weights kept for backward"
-        strategy += kept
-    dtypes = activation_dtypes(setup)
-    precision = "bf16 autocast" if setup.precision == "bf16" and dtypes.residual == 4 else setup.precision
+        kept = "resharded after forward" if setup.reshard_after_forward else "gathered weights kept for backward"
+        line += f"; {setup.blocks_per_unit} encoder blocks per unit, {kept}"
     ac = {False: "no activation checkpointing", True: "full activation checkpointing",
           "selective": "selective activation checkpointing"}[setup.activation_checkpointing]
-    return (f"{strategy} on {setup.world_size} GPU(s), {precision}, batch {setup.batch_size} per GPU "
-            f"({setup.batch_size * setup.world_size} in all), {ac}")
+    return f"{line}; batch {setup.batch_size} per GPU ({setup.batch_size * setup.world_size} in all), {ac}"
 
 
 def _memory_rows(p: Plan) -> list[tuple[str, int | None, int | None]]:
     """(label, whole size, live at the peak) of each part of the memory; None where it does not apply."""
     c, live, shape, setup = p.memory.components, p.memory.at_peak, p.shape, p.setup
-    state_dtype = "fp32" if setup.fsdp or setup.strategy == "ddp" or setup.precision == "fp32" else "bf16"
+    state_dtype = "fp32" if setup.fsdp or setup.whole or setup.precision == "fp32" else "bf16"
     grad_dtype = "fp32" if setup.fsdp else state_dtype
     shards = setup.shard_degree
     sharded = {  # which state each strategy divides over its shard group

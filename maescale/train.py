@@ -222,7 +222,9 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.accelerator = parallel.build_accelerator(cfg)
+        self.layout = parallel.launch_layout(cfg.parallel, cfg.train.precision)
+        self._read_model_shape()
+        self.accelerator = parallel.build_accelerator(self.layout, cfg.parallel.backend, self._deepspeed_config())
         self.output_dir = require_writable(Path(cfg.output_dir), self.accelerator.process_index)
         self.ckpt_root = checkpoint.checkpoint_root(self.output_dir)
         acc = self.accelerator
@@ -241,13 +243,21 @@ class Trainer:
         self.peak_flops = accelerator_peak_flops(acc.device, cfg.train.precision)
         self.knn_monitor = KnnMonitor(cfg, acc, self.img_size, self.embed_dim) if cfg.monitor.knn_every else None
 
-    def _build_loader(self) -> EpochLoader:
-        cfg, acc = self.cfg, self.accelerator
-        # The model's resolution decides the crop size; read it without allocating weights.
+    def _read_model_shape(self) -> None:
+        """The model's resolution decides the crop size; read it without allocating weights."""
         with torch.device("meta"):
             shape = model_from_config(self.cfg)
         self.img_size, self.num_patches, self.embed_dim = shape.img_size, shape.num_patches, shape.embed_dim
         self.flops_per_image = mae_train_flops_per_image(shape)
+
+    def _deepspeed_config(self) -> dict | None:
+        if not self.layout.deepspeed:
+            return None
+        cfg = self.cfg
+        return parallel.deepspeed_config(self.layout, cfg.data.batch_size, cfg.optim.clip_grad, self.embed_dim)
+
+    def _build_loader(self) -> EpochLoader:
+        cfg, acc = self.cfg, self.accelerator
         return build_loader(
             cfg.data, img_size=self.img_size, in_chans=cfg.model.in_chans, seed=cfg.seed, rank=acc.process_index,
             world_size=acc.num_processes,
@@ -256,10 +266,10 @@ class Trainer:
     def _build_model_and_optimizer(self):
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.seed)  # identical initial weights on every process
-        model = parallel.build_model(lambda: model_from_config(cfg), cfg, acc)
-        optimizer = build_optimizer(model, cfg, self.schedule.peak_lr)
-        model, optimizer = parallel.prepare(model, optimizer, cfg, acc)
-        self.strategy = parallel.check_active(model, cfg, acc)
+        model = parallel.build_model(lambda: model_from_config(cfg), self.layout, cfg.parallel, acc, cfg.train.compile)
+        optimizer = build_optimizer(model, cfg.optim, self.schedule.peak_lr)
+        model, optimizer = parallel.prepare(model, optimizer, self.layout, acc)
+        self.strategy = parallel.check_active(model, self.layout, acc)
         return model, optimizer
 
     # ------------------------------------------------------------ run folder
@@ -451,5 +461,6 @@ def pretrain(cfg: Config) -> dict:
     Stop signals are caught from the start, so one that arrives while the model is being
     built or a checkpoint loaded stops the run after its first step instead of killing it.
     """
-    with StopRequest() as stop, parallel.process_group_for(cfg):
+    layout = parallel.launch_layout(cfg.parallel, cfg.train.precision)
+    with StopRequest() as stop, parallel.process_group_for(layout, cfg.parallel.backend):
         return Trainer(cfg).run(stop)

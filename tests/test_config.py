@@ -59,8 +59,12 @@ def test_wrong_types_fail_with_the_key(override, message):
         ("train.accum_iter=0", "train.accum_iter"),
         ("schedule.warmup_epochs=900", "schedule.warmup_epochs"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
-        ("parallel.zero_stage=4", "parallel.zero_stage"),
+        ("parallel.strategy=zero4", "parallel.strategy"),
         ("parallel.cpu_offload=true", "parallel.cpu_offload"),  # the default strategy is ddp
+        ("parallel.replicate_degree=2", "it needs parallel.strategy=hsdp"),
+        ("parallel.strategy=deepspeed", "parallel.strategy=deepspeed: the ZeRO stage is part of the name"),
+        ("parallel.zero_stage=3", "parallel.zero_stage=3: the ZeRO stage is part of the name"),
+        ("parallel.forward_prefetch=true", "no longer a key"),
     ],
 )
 def test_impossible_values_fail_with_the_key(override, message):

@@ -12,6 +12,7 @@ from processes import free_port
 from maescale import parallel
 from maescale.data import Batch
 from maescale.data.seeding import mask_noise
+from maescale.layout import Layout
 from maescale.models import build_model
 from maescale.optim import LocalShardAdamW, param_groups
 from maescale.train import prefetch_to_device
@@ -68,7 +69,7 @@ def _fsdp2_vs_plain(rank: int, port: int, queue) -> None:
     torch.manual_seed(0)
     sharded, plain = build_model("mae_vit_micro_patch4").cuda(), build_model("mae_vit_micro_patch4").cuda()
     plain.load_state_dict(sharded.state_dict())
-    parallel.shard_fsdp2(sharded, parallel.device_mesh(1, "cuda"))
+    parallel.shard_fsdp2(sharded, Layout("fsdp2", 1).build_mesh("cuda"))
     optimizers = [LocalShardAdamW(param_groups(m, 0.05), lr=1e-3, fused=True) for m in (sharded, plain)]
     images, noise = _inputs("cuda")
     losses = []
@@ -106,7 +107,8 @@ def test_fsdp2_trainer_on_one_gpu_without_a_launcher_trains_as_ddp(tmp_path, off
     run_maescale("pretrain", *common, f"output_dir={tmp_path / 'ddp'}")
     result = run_maescale("pretrain", *common, "parallel.strategy=fsdp2",
                           f"parallel.cpu_offload={str(offload).lower()}", f"output_dir={tmp_path / 'fsdp2'}")
-    assert f"fsdp2 on 1 process(es) {placement}" in result.stdout
+    layout = "fsdp2: shard 1, CPU offload, fp32" if offload else "fsdp2: whole model (shard degree 1), fp32"
+    assert f"{layout} on 1 process(es) {placement}" in result.stdout
     ddp, fsdp2 = ([r["loss"] for r in read_metrics(tmp_path / name)] for name in ("ddp", "fsdp2"))
     assert fsdp2 == pytest.approx(ddp, rel=1e-4)
 

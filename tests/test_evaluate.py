@@ -24,6 +24,7 @@ from maescale.evaluate.knn import knn_scores
 from maescale.evaluate.lars import LARS
 from maescale.evaluate.linprobe import build_head
 from maescale.evaluate.monitor import KnnMonitor
+from maescale.layout import Layout
 from maescale.metrics import read_metrics
 from maescale.models import build_model
 
@@ -222,7 +223,7 @@ def test_knn_monitor_equals_knn_of_directly_encoded_images():
     )
     torch.manual_seed(0)
     model = build_model("mae_vit_micro_patch4").train()
-    monitor = KnnMonitor(cfg, parallel.build_accelerator(cfg), model.img_size, model.embed_dim)
+    monitor = KnnMonitor(cfg, parallel.build_accelerator(Layout()), model.img_size, model.embed_dim)
     result = monitor(model)
     assert model.training  # put back in training mode
 

@@ -98,7 +98,7 @@ def straight_nine_steps(straight_nine_steps_run) -> list[float]:
 
 @pytest.mark.parametrize("strategy", [
     pytest.param(["parallel.strategy=fsdp2"], id="fsdp2"),
-    pytest.param(["parallel.strategy=deepspeed", "parallel.zero_stage=2"], id="zero2", marks=pytest.mark.deepspeed),
+    pytest.param(["parallel.strategy=zero2"], id="zero2", marks=pytest.mark.deepspeed),
 ])
 def test_a_rank_killed_mid_training_ends_the_job_and_the_rerun_continues_exactly(
     tmp_path, strategy, straight_nine_steps
@@ -213,8 +213,9 @@ def test_pretraining_and_the_ffcv_writer_skip_every_kind_of_bad_file(tmp_path):
     (["model.mask_ratio=1.5"], "model.mask_ratio"),
     (["data.batch_size=0"], "data.batch_size"),
     (["model.img_size=30"], "model section: img_size=30 is not divisible"),
-    (["parallel.zero_stage=4"], "parallel.zero_stage"),
-    (["parallel.strategy=fsdp2", "parallel.replicate_degree=2"], "replicate_degree=2 does not divide the 1 processes"),
+    (["parallel.strategy=zero4"], "parallel.strategy"),
+    (["parallel.zero_stage=2"], "parallel.zero_stage=2: the ZeRO stage is part of the name"),
+    (["parallel.strategy=hsdp", "parallel.replicate_degree=2"], "replicate_degree=2 does not divide the 1 processes"),
     (["checkpoint.resume=/nonexistent/step_00000004"], "no such checkpoint folder"),
 ])
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path, overrides, message):

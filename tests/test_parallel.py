@@ -1,6 +1,6 @@
 """The process-group backend choice; FSDP2's local-shard AdamW and clipping against torch's
-own on whole tensors (one process) and on real 2-process gloo groups, with and without explicit
-forward prefetch; blocks compiled one by one, eager and under FSDP2 (static graphs)."""
+own on whole tensors (one process) and on real 2-process gloo groups (FSDP and HSDP); blocks
+compiled one by one, eager and under FSDP2 (static graphs)."""
 
 import os
 
@@ -13,6 +13,7 @@ from processes import FORKSERVER, free_port
 from maescale import parallel
 from maescale.config import ConfigError, load_config
 from maescale.errors import StrategyError
+from maescale.layout import Layout
 from maescale.models import build_model
 from maescale.optim import LocalShardAdamW, param_groups
 from maescale.train import prefetch_to_device
@@ -61,11 +62,17 @@ def test_backend_key_is_checked_by_the_config():
         load_config(None, ["parallel.backend=mpi"])
 
 
-def test_fsdp2_options_follow_the_config():
-    cfg = load_config(None, ["parallel.forward_prefetch=true", "parallel.blocks_per_unit=2"])
-    options = parallel.fsdp2_options(cfg)
-    assert options.forward_prefetch and options.blocks_per_unit == 2 and not options.reshard_after_forward
-    assert not parallel.fsdp2_options(load_config(None, [])).forward_prefetch  # measured no faster: off
+def test_fsdp2_options_follow_the_layout_and_the_config():
+    cfg = load_config(None, ["parallel.strategy=fsdp2", "parallel.blocks_per_unit=2", "parallel.cpu_offload=true",
+                             "train.precision=bf16"])
+    layout = Layout.from_config(cfg.parallel, cfg.train.precision, world_size=4)
+    options = parallel.FSDP2Options.of(layout, cfg.parallel)
+    assert options == parallel.FSDP2Options(precision="bf16", cpu_offload=True, blocks_per_unit=2)
+
+
+def mesh(world: int, replicate: int = 1, device: str = "cpu"):
+    """The mesh the trainer's Layout builds for FSDP2 (replicate > 1: HSDP)."""
+    return Layout("hsdp" if replicate > 1 else "fsdp2", world, replicate).build_mesh(device)
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +115,7 @@ def test_local_shard_adamw_steps_whole_tensors_as_torch_adamw(fused):
     assert optimizers[0].state_dict()["state"].keys() == optimizers[1].state_dict()["state"].keys()
 
 
-def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, prefetch: bool, queue,
+def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, queue,
                       options: parallel.FSDP2Options | None = None, micro_batches: int = 1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -118,15 +125,10 @@ def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, prefetch
         images, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
         sharded, whole = build_model("mae_vit_micro_patch4"), build_model("mae_vit_micro_patch4")
         whole.load_state_dict(sharded.state_dict())
-        options = options or parallel.FSDP2Options(forward_prefetch=prefetch)
-        parallel.shard_fsdp2(sharded, parallel.device_mesh(world, "cpu", replicate), options)
+        parallel.shard_fsdp2(sharded, mesh(world, replicate), options or parallel.FSDP2Options())
         ours = LocalShardAdamW(param_groups(sharded, 0.05), lr=1e-2, fused=True)
         reference = torch.optim.AdamW(param_groups(whole, 0.05), lr=1e-2)
         norms = []
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as first_forward:
-            sharded(images, noise=noise)
-        prefix = "FSDP::forward_prefetch for "
-        prefetched = [e.name.removeprefix(prefix) for e in first_forward.events() if e.name.startswith(prefix)]
         for _ in range(3):
             # Every rank sees the whole batch: FSDP2 averages the identical gradients.
             for shift in range(micro_batches):  # more than one: other masks, gradients add up
@@ -140,7 +142,7 @@ def _sharded_vs_whole(rank: int, world: int, port: int, replicate: int, prefetch
                 optimizer.zero_grad(set_to_none=True)
         worst = max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), whole.parameters()))
         if rank == 0:
-            queue.put((norms, worst, prefetched, units_reducing_in_place(sharded)))
+            queue.put((norms, worst, units_reducing_in_place(sharded)))
     finally:
         dist.destroy_process_group()
 
@@ -154,16 +156,12 @@ def units_reducing_in_place(model: torch.nn.Module) -> int:
                for state in states.values() for group in state._fsdp_param_groups)
 
 
-@pytest.mark.parametrize("replicate, prefetch", [(1, False), (2, False), (1, True)],
-                         ids=["fsdp", "hsdp_2x1", "fsdp_forward_prefetch"])
-def test_sharded_clip_and_adamw_match_whole_tensors_on_two_processes(replicate, prefetch):
+@pytest.mark.parametrize("replicate", [1, 2], ids=["fsdp", "hsdp_2x1"])
+def test_sharded_clip_and_adamw_match_whole_tensors_on_two_processes(replicate):
     port = free_port()
     queue = FORKSERVER.Queue()
-    mp.start_processes(_sharded_vs_whole, args=(2, port, replicate, prefetch, queue), nprocs=2,
-                       start_method="forkserver")
-    norms, worst, prefetched, in_place = queue.get(timeout=10)
-    # micro: the root's pre-forward gathers the encoder's one unit, whose pre-forward gathers the decoder's
-    assert [unit.split(",")[0] for unit in prefetched] == (["blocks.0", "decoder_blocks.0"] if prefetch else [])
+    mp.start_processes(_sharded_vs_whole, args=(2, port, replicate, queue), nprocs=2, start_method="forkserver")
+    norms, worst, in_place = queue.get(timeout=10)
     # HSDP 2x1 shards over one process: its 3 units (encoder, decoder, root) reduce in place
     assert in_place == (3 if replicate == 2 else 0)
     for ours, reference in norms:
@@ -174,17 +172,15 @@ def test_sharded_clip_and_adamw_match_whole_tensors_on_two_processes(replicate, 
     assert worst < 1e-4
 
 
-@pytest.mark.parametrize("reduce_in_place", [True, False], ids=["in_place", "fsdp2_copy"])
-def test_one_process_reduces_in_place_and_matches_whole_tensors(reduce_in_place):
+def test_one_process_reduces_in_place_and_matches_whole_tensors():
     """A group of one: two same-shaped one-block units reduce into buffers that must not mix, and
     the second micro-batch's gradients add to the first's, which view the first reduction's buffer."""
     port = free_port()
     queue = FORKSERVER.Queue()
-    options = parallel.FSDP2Options(blocks_per_unit=1, reduce_in_place=reduce_in_place)
-    mp.start_processes(_sharded_vs_whole, args=(1, port, 1, False, queue, options, 2), nprocs=1,
-                       start_method="forkserver")
-    norms, worst, _, in_place = queue.get(timeout=10)
-    assert in_place == (4 if reduce_in_place else 0)  # 2 encoder blocks, the decoder, the root
+    options = parallel.FSDP2Options(blocks_per_unit=1)
+    mp.start_processes(_sharded_vs_whole, args=(1, port, 1, queue, options, 2), nprocs=1, start_method="forkserver")
+    norms, worst, in_place = queue.get(timeout=10)
+    assert in_place == 4  # 2 encoder blocks, the decoder, the root
     for ours, reference in norms:
         assert ours == pytest.approx(reference, rel=1e-5)
     assert worst < 1e-4
@@ -233,7 +229,7 @@ def _compiled_sharded_steps(rank: int, world: int, port: int, queue) -> None:
             model = build_model("mae_vit_micro_patch4", decoder_depth=2)
             if compiled:
                 parallel.compile_blocks(model)
-            parallel.shard_fsdp2(model, parallel.device_mesh(world, "cpu"))
+            parallel.shard_fsdp2(model, mesh(world))
             optimizer = LocalShardAdamW(param_groups(model, 0.05), lr=1e-3)
             losses[compiled] = []
             for _ in range(3):

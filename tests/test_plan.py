@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_maescale
+from storage_tracker import LiveStorageTracker
 
 from maescale.models import MODEL_SPECS, build_model
 from maescale.plan import (
     GIB,
     LOSS_SCALAR_BYTES,
     ActivationDtypes,
-    LiveStorageTracker,
     Setup,
     block_saved_bytes_per_token,
     largest_fitting_batch,
@@ -222,27 +222,33 @@ def test_largest_fitting_batch_is_where_the_peak_crosses_the_budget():
 # ----------------------------------------------------------------------------- command line
 
 
+LARGE = ("model.name=mae_vit_large_patch16", "train.precision=bf16")
+
+
 def test_plan_prints_the_breakdown_step_time_and_fitting_batches():
-    out = run_maescale("plan", "--model", "mae_vit_large_patch16", "--gpu", "A100-40GB", "--world-size", "8",
-                       "--strategy", "fsdp2", "--batch-size", "256", "--activation-checkpointing", "selective").stdout
-    for text in ("329.5 M parameters", "50 visible tokens", "197 tokens", "parameters (fp32, 1/8 of it)",
-                 "AdamW moments (fp32, 1/8 of it)", "gathered weights", "activations: encoder, 24 blocks x 50 tokens",
-                 "peak (allocated)",
+    out = run_maescale("plan", "--gpu", "A100-40GB", "--world-size", "8", *LARGE, "parallel.strategy=fsdp2",
+                       "data.batch_size=256", "parallel.activation_checkpointing=selective").stdout
+    for text in ("329.5 M parameters", "50 visible tokens", "197 tokens", "fsdp2: shard 8, bf16 on 8 GPU(s)",
+                 "parameters (fp32, 1/8 of it)", "AdamW moments (fp32, 1/8 of it)", "gathered weights",
+                 "activations: encoder, 24 blocks x 50 tokens", "peak (allocated)",
                  "at 35% of 312 TFLOP/s", "batches per GPU that fit: 8 16 32"):
         assert text in out, text
 
 
 def test_plan_sweep_has_a_row_per_model():
-    out = run_maescale("plan", "--sweep", "--gpu", "H200", "--strategy", "zero3", "--world-size", "16").stdout
+    out = run_maescale("plan", "--sweep", "--gpu", "H200", "parallel.strategy=zero3", "--world-size", "16").stdout
     rows = [line for line in out.splitlines() if line.startswith("| mae_")]
     assert [row.split("|")[1].strip() for row in rows] == list(MODEL_SPECS)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "mae_vit_huge_patch16"], "unknown model 'mae_vit_huge_patch16'. Did you mean 'mae_vit_huge_patch14'?"),
-    (["--strategy", "hsdp", "--world-size", "8", "--replicate-degree", "3"],
-     "replicate degree 3 does not divide the world size 8"),
-    (["--strategy", "ddp", "--cpu-offload"], "CPU offload needs --strategy fsdp2 or hsdp"),
+    (["model.name=mae_vit_huge_patch16"], "unknown model 'mae_vit_huge_patch16'. Did you mean 'mae_vit_huge_patch14'?"),
+    (["--world-size", "8", "parallel.strategy=hsdp", "parallel.replicate_degree=3"],
+     "parallel.replicate_degree=3 does not divide the 8 processes"),
+    (["parallel.cpu_offload=true"], "parallel.cpu_offload needs parallel.strategy=fsdp2 or hsdp (got ddp)"),
+    (["parallel.strategy=deepspeed"], "parallel.strategy=deepspeed: the ZeRO stage is part of the name"),
+    (["--strategy", "zero3"], "--strategy is now the config key parallel.strategy"),
+    (["--model", "mae_vit_base_patch16"], "--model is now the config key model.name"),
     (["--gpu-memory", "0"], "--gpu-memory must be positive"),
     (["--gpu", "B200"], "unknown GPU 'B200'; known: H200, H100"),
 ])
@@ -257,7 +263,7 @@ def test_a_custom_gpu_memory_changes_what_fits():
     assert lookup_gpu("H100", 94).memory_gib == 94
 
     def largest(*args: str) -> int:
-        out = run_maescale("plan", "--model", "mae_vit_base_patch16", *args).stdout
+        out = run_maescale("plan", "model.name=mae_vit_base_patch16", *args).stdout
         return int(out.rsplit("largest: ", 1)[1].split()[0])
 
     small, h100 = largest("--gpu-memory", "20"), largest("--gpu", "H100")
@@ -265,10 +271,19 @@ def test_a_custom_gpu_memory_changes_what_fits():
 
 
 def test_plan_of_fsdp2_on_one_gpu_is_the_whole_model_the_trainer_runs():
-    args = ("--model", "mae_vit_base_patch16", "--world-size", "1", "--batch-size", "32")
-    fsdp2 = run_maescale("plan", *args, "--strategy", "fsdp2").stdout
-    ddp = run_maescale("plan", *args, "--strategy", "ddp").stdout
-    note, rest = fsdp2.split("\n", 1)
-    assert "nothing to shard" in note and rest == ddp
-    offloaded = run_maescale("plan", *args, "--strategy", "fsdp2", "--cpu-offload").stdout
-    assert "nothing to shard" not in offloaded and "fsdp2 with CPU offload" in offloaded
+    args = ("--world-size", "1", "model.name=mae_vit_base_patch16", "data.batch_size=32", "train.precision=bf16")
+    fsdp2 = run_maescale("plan", *args, "parallel.strategy=fsdp2").stdout
+    ddp = run_maescale("plan", *args, "parallel.strategy=ddp").stdout
+    assert "fsdp2: whole model (shard degree 1), bf16 autocast on 1 GPU(s)" in fsdp2
+    assert fsdp2.replace("fsdp2:", "ddp:") == ddp
+    offloaded = run_maescale("plan", *args, "parallel.strategy=fsdp2", "parallel.cpu_offload=true").stdout
+    assert "fsdp2: shard 1, CPU offload, bf16 on 1 GPU(s)" in offloaded
+
+
+def test_plan_reads_the_recipe_and_its_overrides():
+    """--config + overrides plan what pretrain runs: the recipe's model, batch, precision and layout."""
+    recipe = run_maescale("plan", "--config", "configs/pretrain/vit_1b.yaml", "--world-size", "16").stdout
+    assert recipe.startswith("mae_vit_1b_patch14:") and "fsdp2: shard 16, bf16 on 16 GPU(s)" in recipe
+    hsdp = run_maescale("plan", "--world-size", "16", "--config", "configs/pretrain/vit_1b.yaml",
+                        "parallel.strategy=hsdp", "model.img_size=112").stdout
+    assert "hsdp: shard 8 x replicate 2" in hsdp and "on 65 visible tokens" not in hsdp

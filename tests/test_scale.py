@@ -111,9 +111,11 @@ def _sharded_build_worker(rank: int, world: int, port: int, overrides: list[str]
     from maescale.train import model_from_config
 
     cfg = load_config(None, ["model.name=mae_vit_micro_patch4", "parallel.backend=gloo", *overrides])
-    accelerator = parallel.build_accelerator(cfg)
+    layout = parallel.launch_layout(cfg.parallel, cfg.train.precision)
+    deepspeed = parallel.deepspeed_config(layout, cfg.data.batch_size, None, 64) if layout.deepspeed else None
+    accelerator = parallel.build_accelerator(layout, cfg.parallel.backend, deepspeed)
     torch.manual_seed(cfg.seed)
-    model = parallel.build_model(lambda: model_from_config(cfg), cfg, accelerator)
+    model = parallel.build_model(lambda: model_from_config(cfg), layout, cfg.parallel, accelerator)
     held = parallel.local_parameter_fraction(model)
     sharded = _full_parameters(model)
     torch.manual_seed(cfg.seed)
@@ -126,8 +128,8 @@ def _sharded_build_worker(rank: int, world: int, port: int, overrides: list[str]
 
 @pytest.mark.parametrize("overrides", [
     pytest.param(["parallel.strategy=fsdp2"], id="fsdp2"),
-    pytest.param(["parallel.strategy=fsdp2", "parallel.replicate_degree=2"], id="hsdp_2x1"),
-    pytest.param(["parallel.strategy=deepspeed", "parallel.zero_stage=3"], id="zero3", marks=pytest.mark.deepspeed),
+    pytest.param(["parallel.strategy=hsdp", "parallel.replicate_degree=2"], id="hsdp_2x1"),
+    pytest.param(["parallel.strategy=zero3"], id="zero3", marks=pytest.mark.deepspeed),
 ])
 def test_sharded_construction_equals_a_single_process_build_bit_for_bit(overrides):
     queue = FORKSERVER.Queue()

@@ -172,7 +172,7 @@ def test_baseline_job_writes_checkpoints_metrics_and_log(baseline):
     returncode, run, log_file = baseline()
     assert returncode == 0
     log = log_file.read_text(errors="replace")
-    assert "1 node(s) x 2 process(es)" in log and "ddp on 2 process(es) (cpu, gloo)" in log
+    assert "1 node(s) x 2 process(es)" in log and "ddp: replicate 2, fp32 on 2 process(es) (cpu, gloo)" in log
     assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))
     steps = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert steps[-1] == f"step_{STEPS:08d}"

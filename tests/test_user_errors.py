@@ -190,7 +190,7 @@ def test_bad_yaml_from_the_shell_is_one_line_and_exit_2(files):
 
 
 @pytest.mark.parametrize(("module", "args"), [
-    ("deepspeed", ["pretrain", "parallel.strategy=deepspeed"]),
+    ("deepspeed", ["pretrain", "parallel.strategy=zero2"]),
     ("ffcv", ["pretrain", "data.kind=ffcv", "data.path=data/ffcv"]),
     ("ffcv", ["knn", f"encoder.model={MICRO}", "data.kind=ffcv", "data.path=data/ffcv"]),
     ("ffcv", ["write-beton", "--src", "data/images", "--out", "data/train.beton"]),

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import parallel
-from ..config import Config, check_image_size
+from ..config import check_image_size
 from ..data import Stream, build_loader, derive_seed
 from ..interop import METADATA_FORMAT, METADATA_TIMM_KWARGS, build_timm_vit, save_safetensors, timm_kwargs
 from ..models import MaskedAutoencoderViT, get_2d_sincos_pos_embed
@@ -111,7 +111,7 @@ class Finetuner:
         optimizer = torch.optim.AdamW(
             layer_decay_groups(model, ft.weight_decay, ft.layer_decay), lr=self.peak_lr, betas=(0.9, 0.999)
         )
-        self.model, self.optimizer = parallel.prepare(model, optimizer, Config(), acc)
+        self.model, self.optimizer = parallel.prepare(model, optimizer, self.run.layout, acc)
         self.mixup = build_mixup(cfg, self.classes)
         self.steps_per_epoch = self.loader.batches_per_epoch
         total = self.steps_per_epoch * ft.epochs

@@ -7,7 +7,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import parallel
-from ..config import Config, save_resolved
+from ..config import save_resolved
+from ..layout import Layout
 from ..metrics import MetricsLogger
 from .config import EvalConfig
 
@@ -18,8 +19,9 @@ class EvalRun:
     def __init__(self, cfg: EvalConfig, protocol: str):
         self.cfg = cfg
         self.protocol = protocol
-        # Evaluation runs data parallel in fp32: the pretraining defaults (ddp, fp32) are what it needs.
-        self.accelerator = parallel.build_accelerator(Config())
+        # Evaluation runs data parallel in fp32 over the launched processes.
+        self.layout = Layout("ddp", parallel.launched_processes())
+        self.accelerator = parallel.build_accelerator(self.layout)
         self.output_dir = Path(cfg.output_dir)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
