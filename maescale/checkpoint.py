@@ -21,9 +21,6 @@ Every checkpoint resumes on any number of processes:
   (`ds_to_universal`) of its per-process files, which needs twice the disk, a conversion step in
   the resume path and `load_universal` decided before the engine is built; this layout is
   process-count free as written.
-- ZeRO checkpoints of earlier versions (DeepSpeed's own per-process files in `pytorch_model/`)
-  still resume on the number of processes that wrote them, and still export; another number is
-  refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -65,7 +62,6 @@ MASTER_WEIGHT = "fp32"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's state names
 # Restored from the checkpoint like torch's Optimizer.load_state_dict does (lr is set every step).
 ADAM_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
-LEGACY_ZERO_FOLDER = "pytorch_model"  # where Accelerate put DeepSpeed's own ZeRO checkpoint
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -142,10 +138,7 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, acceler
                          f"resume it with the same kind of parallel.strategy, or start a new output_dir")
     train_state = _read_train_state(path)
     with _damaged_checkpoint_error(path):
-        if is_deepspeed(accelerator) and is_legacy_zero_checkpoint(path):
-            _require_same_process_count(path, train_state, accelerator.num_processes)
-            accelerator.load_state(str(path))
-        elif is_deepspeed(accelerator):
+        if is_deepspeed(accelerator):
             _load_zero(model, path)
         else:
             state = _state_dicts(model, optimizer)
@@ -213,24 +206,9 @@ def _way_out(path: Path) -> str:
     return f"there is no earlier one: delete {path} or set checkpoint.resume=none to start over"
 
 
-def _require_same_process_count(path: Path, train_state: dict, world_size: int) -> None:
-    """DeepSpeed's own per-process ZeRO files (earlier maescale versions) hold partitions of one
-    process count; DeepSpeed 0.19 cannot cut them for another without loading them all at once."""
-    saved = train_state.get("written_by", {}).get("world_size", world_size)
-    if saved != world_size:
-        raise CheckpointError(
-            f"{path} is a ZeRO checkpoint of {saved} processes in DeepSpeed's own format (written by an earlier "
-            f"maescale) and this run has {world_size}: relaunch with {saved} processes once; its next checkpoint "
-            f"resumes on any number"
-        )
-
-
 def load_model_weights(model: nn.Module, path: Path) -> nn.Module:
     """Load only the weights of a checkpoint into a plain, unsharded model (one process)."""
     _require_checkpoint(path)
-    if is_legacy_zero_checkpoint(path):
-        with _damaged_checkpoint_error(path):
-            return _load_legacy_zero_weights(model, path)
     if is_deepspeed_checkpoint(path):
         with _damaged_checkpoint_error(path):
             return _load_zero_weights(model, path)
@@ -242,27 +220,8 @@ def load_model_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-def _load_legacy_zero_weights(model: nn.Module, path: Path) -> nn.Module:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path))  # reads the tag from path/latest
-    result = model.load_state_dict(state, strict=False)
-    # ZeRO-1 checkpoints leave out frozen parameters; the fixed sin-cos tables are rebuilt exactly.
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    if result.unexpected_keys or set(result.missing_keys) - frozen:
-        raise CheckpointError(
-            f"{path}: weights do not match the model: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}"
-        )
-    return model
-
-
 def is_deepspeed_checkpoint(path: Path) -> bool:
-    return (path / ZERO_FOLDER).is_dir() or is_legacy_zero_checkpoint(path)
-
-
-def is_legacy_zero_checkpoint(path: Path) -> bool:
-    return (path / LEGACY_ZERO_FOLDER).is_dir()
+    return (path / ZERO_FOLDER).is_dir()
 
 
 # ------------------------------------------------------------ DeepSpeed ZeRO, any process count

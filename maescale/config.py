@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .data_kinds import data_kind, kinds_help
 from .errors import ConfigError
 from .layout import STRATEGIES, check_strategy_settings, legacy_override_error, translate_legacy_parallel
 from .sizes import image_hw
@@ -52,10 +53,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic", "folder", "ffcv"] = opt(
+    kind: str = opt(
         "synthetic",
-        "Dataset kind: synthetic (embedded), folder (ImageNet layout) or ffcv (.beton files from `maescale "
-        "write-beton`)."
+        "Dataset kind, one of the registered kinds (maescale/data_kinds.py; maescale.data.register_kind adds "
+        "one): " + kinds_help() + "."
     )
     path: Optional[str] = opt(
         None,
@@ -421,17 +422,13 @@ def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
 
 
 def check_data(data: DataConfig) -> None:
-    """The data checks of every command and of `build_loader`: their one home."""
+    """The data checks of every command and of `build_loader`: their one home. The kind must be
+    registered (maescale/data_kinds.py); the checks of its own keys follow the generic ones."""
+    kind = data_kind(data.kind)
     raise_first_failure([
         (data.batch_size > 0, "data.batch_size must be positive"),
         (data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (data.synthetic_size > 0, "data.synthetic_size must be positive"),
         (0.0 < data.crop_min_scale <= 1.0, "data.crop_min_scale must be in (0, 1]"),
-        (data.kind not in ("folder", "ffcv") or data.path,
-         f"data.path is required when data.kind={data.kind} (folder: <root>/<class>/*.jpg; ffcv: a .beton file or "
-         "a folder of <split>.beton)"),
-        (data.kind != "ffcv" or data.ffcv_order != "quasi_random" or not data.ffcv_os_cache,
-         "data.ffcv_order=quasi_random needs data.ffcv_os_cache=false (it orders by pages read into process memory)"),
         ((data.mean is None) == (data.std is None),
          "data.mean and data.std go together: set both (one value per image channel each) or neither"),
         (len(data.mean or ()) == len(data.std or ()),
@@ -439,6 +436,7 @@ def check_data(data: DataConfig) -> None:
         (data.mean is None or len(data.mean) > 0, "data.mean and data.std need one value per image channel"),
         (all(value > 0 for value in data.std or ()), f"data.std values must be positive, got {data.std}"),
     ])
+    kind.check(data)
 
 
 def check_image_size(size: Any, key: str, patch_size: int | None = None) -> None:
@@ -518,8 +516,9 @@ def required_extras(cfg: Any) -> list[tuple[str, str, str]]:
     strategy = getattr(getattr(cfg, "parallel", None), "strategy", "")
     if strategy.startswith("zero"):
         needed.append(("deepspeed", "deepspeed", f"parallel.strategy={strategy}"))
-    if cfg.data.kind == "ffcv":
-        needed.append(("ffcv", "ffcv", "data.kind=ffcv"))
+    extra = data_kind(cfg.data.kind).extra
+    if extra:
+        needed.append((extra.module, extra.extra, f"data.kind={cfg.data.kind}"))
     return needed
 
 

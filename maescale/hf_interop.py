@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError, ModelConfig, load_config
-from .interop import (
+from .models import MODEL_SPECS, MaskedAutoencoderViT, build_model
+from .sizes import image_hw
+from .weight_files import (
     METADATA_FORMAT,
     METADATA_MODEL,
     WeightsMismatchError,
@@ -30,8 +32,6 @@ from .interop import (
     save_safetensors,
     write_imported_run,
 )
-from .models import MODEL_SPECS, MaskedAutoencoderViT, build_model
-from .sizes import image_hw
 
 logger = logging.getLogger(__name__)
 

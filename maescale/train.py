@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, parallel
 from .config import Config, ConfigError, save_resolved
-from .data import Batch, EpochLoader, build_loader, first_images
+from .data import Batch, Loader, build_loader, first_images
 from .errors import DataError
 from .evaluate.monitor import KnnMonitor
 from .metrics import MetricsLogger, Throughput, accelerator_peak_flops, mae_train_flops_per_image, peak_memory_gib
@@ -125,7 +125,7 @@ def require_writable(folder: Path, rank: int) -> Path:
     return folder
 
 
-def build_schedule(cfg: Config, loader: EpochLoader, world_size: int) -> Schedule:
+def build_schedule(cfg: Config, loader: Loader, world_size: int) -> Schedule:
     steps_per_epoch = loader.batches_per_epoch // cfg.train.accum_iter
     if steps_per_epoch == 0:
         raise DataError(
@@ -137,7 +137,7 @@ def build_schedule(cfg: Config, loader: EpochLoader, world_size: int) -> Schedul
     return Schedule(steps_per_epoch, total, last, peak_lr(cfg, world_size), effective_batch(cfg, world_size))
 
 
-def micro_batches(loader: EpochLoader, first_step: int, steps_per_epoch: int, accum: int) -> Iterator[list[Batch]]:
+def micro_batches(loader: Loader, first_step: int, steps_per_epoch: int, accum: int) -> Iterator[list[Batch]]:
     """Yield the micro-batches of each optimizer step from `first_step` on, across epochs.
 
     The position in the data is a pure function of the step, which is what makes a
@@ -256,7 +256,7 @@ class Trainer:
         cfg = self.cfg
         return parallel.deepspeed_config(self.layout, cfg.data.batch_size, cfg.optim.clip_grad, self.embed_dim)
 
-    def _build_loader(self) -> EpochLoader:
+    def _build_loader(self) -> Loader:
         cfg, acc = self.cfg, self.accelerator
         return build_loader(
             cfg.data, img_size=self.img_size, in_chans=cfg.model.in_chans, seed=cfg.seed, rank=acc.process_index,

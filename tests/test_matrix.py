@@ -17,7 +17,7 @@ import torch
 from conftest import maescale_printed
 from PIL import Image
 
-from maescale.data import SyntheticShapes
+from maescale.data import SyntheticShapes, kind_names
 from maescale.data.ffcv_compat import ffcv_available
 from maescale.metrics import read_metrics
 
@@ -186,6 +186,11 @@ def test_betons_and_their_folder_give_the_same_knn_and_linprobe_top1(jpeg_root, 
     for protocol in ("knn", "linprobe"):
         difference = abs(top1["folder"][protocol] - top1["ffcv"][protocol])
         assert difference <= 100 * 3 / VAL_IMAGES, top1  # at most 3 of the 24 images classified differently
+
+
+def test_the_matrix_covers_every_registered_kind():
+    """A kind added to maescale (maescale/data_kinds.py) joins the matrix, with the files it reads in data_overrides."""
+    assert sorted(KINDS) == kind_names()
 
 
 @pytest.mark.parametrize("kind", MATRIX_KINDS)

@@ -1,8 +1,10 @@
-"""Data pipeline: the Loader interface, its kinds (synthetic, folder, ffcv), MAE augmentation, seeding."""
+"""Data pipeline: the Loader interface, its kinds (registered in maescale/data_kinds.py: synthetic, folder,
+ffcv, and any added with ``register_kind``), MAE augmentation, seeding."""
 
+from ..data_kinds import DataKind, Extra, LoaderBuilder, kind_names, register_kind
 from .base import Batch, Loader, PlannedLoader
 from .folder import ImageFolderDataset
-from .loader import LOADER_BUILDERS, EpochLoader, build_loader, first_images
+from .loader import EpochLoader, build_loader, first_images
 from .seeding import Stream, derive_seed, sample_mask_seed, seeded_generator
 from .synthetic import SyntheticShapes
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MAETrainTransform
@@ -10,12 +12,14 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MAETrainTran
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "LOADER_BUILDERS",
     "Batch",
+    "DataKind",
     "EpochLoader",
     "EvalTransform",
+    "Extra",
     "ImageFolderDataset",
     "Loader",
+    "LoaderBuilder",
     "MAETrainTransform",
     "PlannedLoader",
     "Stream",
@@ -23,6 +27,8 @@ __all__ = [
     "build_loader",
     "derive_seed",
     "first_images",
+    "kind_names",
+    "register_kind",
     "sample_mask_seed",
     "seeded_generator",
 ]

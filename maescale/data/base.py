@@ -1,8 +1,9 @@
 """What every data kind gives its users: :class:`Batch` and the :class:`Loader` protocol.
 
 The trainer, the evaluation commands, the kNN monitor and the figures read data only through
-this interface, so a new kind (webdataset, DALI, ...) implements :class:`Loader` and adds a
-builder to ``LOADER_BUILDERS`` (data/loader.py) without touching, or reading, the other kinds.
+this interface, so a new kind (webdataset, DALI, ...) implements :class:`Loader` and registers
+its builder with ``register_kind`` (maescale/data_kinds.py) without touching, or reading, the
+other kinds.
 :class:`PlannedLoader` implements everything but the reading itself with the shared order of
 data/seeding.py; subclassing it gives a new kind the same order, rank split and masks as the
 existing ones.

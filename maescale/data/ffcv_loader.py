@@ -243,7 +243,7 @@ def build_ffcv_loader(
     data_cfg: Any, *, img_size: int | list[int], in_chans: int = 3, seed: int, rank: int, world_size: int,
     train: bool, split: str, eval_subset: int | None = None,
 ) -> FFCVEpochLoader:
-    """The ``data.kind=ffcv`` entry of ``LOADER_BUILDERS`` (``data_cfg`` already checked)."""
+    """The builder of ``data.kind=ffcv`` (maescale/data_kinds.py); ``data_cfg`` already checked."""
     side = refuse_unless_rgb_square(img_size, in_chans)
     path = beton_path(data_cfg.path, split)
     loader = FFCVEpochLoader(

@@ -1,9 +1,10 @@
-"""Map-style datasets as :class:`~maescale.data.base.Loader` s, and the registry of data kinds.
+"""Map-style datasets as :class:`~maescale.data.base.Loader` s, and ``build_loader``.
 
 :class:`EpochLoader` reads the synthetic and folder kinds through a torch ``DataLoader``:
 each sample's augmentation comes from a generator seeded with (seed, epoch, index), the
 order from data/seeding.py, so worker processes never change a batch. ``build_loader`` is
-the one way the commands get data: it checks the data config, then calls the kind's builder.
+the one way the commands get data: it checks the data config, then calls the builder of the
+kind registered under ``data.kind`` (maescale/data_kinds.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import check_data
-from ..errors import ConfigError
+from ..data_kinds import data_kind
 from .base import Batch, Loader, PlannedLoader
 from .folder import ImageFolderDataset
 from .seeding import Stream, augment_seed, mask_seed, sample_mask_seed, seeded_generator
@@ -26,7 +27,7 @@ from .synthetic import SyntheticShapes
 from .transforms import EvalTransform, MAETrainTransform
 
 # Batch and sample_mask_seed are imported from here by the benchmarks and tests.
-__all__ = ["LOADER_BUILDERS", "Batch", "EpochLoader", "build_loader", "first_images", "sample_mask_seed"]
+__all__ = ["Batch", "EpochLoader", "build_loader", "first_images", "sample_mask_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +160,7 @@ class EpochLoader(PlannedLoader):
                 logger.warning("unreadable image %s: replaced by the next readable file", path)
 
 
-# ---------------------------------------------------------------- the registry of data kinds
-
-LoaderBuilder = Callable[..., Loader]
+# ---------------------------------------------------------------- the synthetic and folder kinds
 
 
 def _transform(
@@ -183,7 +182,9 @@ def _dataset_loader(data_cfg: Any, dataset: Dataset, source: str, **kwargs: Any)
     return loader
 
 
-def _build_synthetic(data_cfg: Any, *, split: str, img_size: int, in_chans: int, **kwargs: Any) -> EpochLoader:
+def build_synthetic_loader(
+    data_cfg: Any, *, split: str, img_size: int, in_chans: int, **kwargs: Any
+) -> EpochLoader:
     dataset_seed = SYNTHETIC_TRAIN_SEED if split == "train" else SYNTHETIC_EVAL_SEED
     dataset = SyntheticShapes(data_cfg.synthetic_size, img_size, seed=dataset_seed, channels=in_chans)
     return _dataset_loader(
@@ -191,26 +192,13 @@ def _build_synthetic(data_cfg: Any, *, split: str, img_size: int, in_chans: int,
     )
 
 
-def _build_folder(data_cfg: Any, *, split: str, in_chans: int, **kwargs: Any) -> EpochLoader:
+def build_folder_loader(data_cfg: Any, *, split: str, in_chans: int, **kwargs: Any) -> EpochLoader:
     dataset = ImageFolderDataset(data_cfg.path, split=split, channels=in_chans)
     dataset.check_first_array()
     return _dataset_loader(data_cfg, dataset, str(dataset.root), in_chans=in_chans, **kwargs)
 
 
-def _build_ffcv(data_cfg: Any, **kwargs: Any) -> Loader:
-    # Imported here: FFCV is an optional extra and takes seconds to import.
-    from .ffcv_loader import build_ffcv_loader
-
-    return build_ffcv_loader(data_cfg, **kwargs)
-
-
-# One builder per data.kind, called as builder(data_cfg, img_size=, in_chans=, seed=, rank=, world_size=,
-# train=, split=, eval_subset=) after the config checks; each returns a Loader.
-LOADER_BUILDERS: dict[str, LoaderBuilder] = {
-    "synthetic": _build_synthetic,
-    "folder": _build_folder,
-    "ffcv": _build_ffcv,
-}
+# ---------------------------------------------------------------- every kind
 
 
 def build_loader(
@@ -234,11 +222,8 @@ def build_loader(
     ``img_size`` (an int or [height, width]) and ``in_chans`` are the model's: batches are
     [B, in_chans, height, width], normalised with the statistics of data/stats.py.
     """
-    builder = LOADER_BUILDERS.get(data_cfg.kind)
-    if builder is None:
-        raise ConfigError(f"unknown data.kind {data_cfg.kind!r}; known kinds: {', '.join(sorted(LOADER_BUILDERS))}")
-    check_data(data_cfg)
-    return builder(
+    check_data(data_cfg)  # the kind's own checks included
+    return data_kind(data_cfg.kind).builder()(
         data_cfg, img_size=img_size, in_chans=in_chans, seed=seed, rank=rank, world_size=world_size, train=train,
         split=split or ("train" if train else "val"), eval_subset=eval_subset,
     )

@@ -292,7 +292,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         # False, True (recompute each block in the backward pass instead of storing its
         # activations) or "selective" (store the matmul and attention outputs, recompute the
-        # rest); set by the parallel layer, see maescale/parallel.py.
+        # rest); set by the parallel layer, see maescale/parallel/construct.py.
         self.activation_checkpointing: bool | str = False
         self.mask_tokens_in_encoder = mask_tokens_in_encoder
         self.init_seed = _draw_init_seed()
