@@ -2,7 +2,6 @@
 
     python benchmarks/gpu_suite.py sweep   --out DIR    # images/s per batch size; best batch per model
     python benchmarks/gpu_suite.py best    --out DIR    # at the best batch: plain eager vs compiled (whole, per block)
-    python benchmarks/gpu_suite.py fsdp2   --out DIR    # at the best batch: FSDP2 over one GPU
     python benchmarks/gpu_suite.py encoder --out DIR    # encoder-only vs mask tokens in the encoder
 
 Every row goes to DIR/results.jsonl (with its section) and, as Markdown, to DIR/table.md.
@@ -78,11 +77,9 @@ def _best_batches(args: argparse.Namespace) -> dict[str, int]:
     return {model: batch for model, batch in json.loads(path.read_text()).items() if model in args.models}
 
 
-def _compare(
-    args, section: str, model: str, batch: int, variants: dict[str, StepVariant], strategy: str = "plain"
-) -> None:
-    rows = compare_variants(model, variants, batch_size=batch, precision=args.precision, strategy=strategy,
-                            rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup, device=args.device)
+def _compare(args, section: str, model: str, batch: int, variants: dict[str, StepVariant]) -> None:
+    rows = compare_variants(model, variants, batch_size=batch, precision=args.precision, rounds=args.rounds,
+                            steps_per_round=args.steps, warmup=args.warmup, device=args.device)
     _emit(args.out, section, rows, COMPARE_HEADER, COMPARE_RULE, compare_row)
     _free_memory()
 
@@ -97,12 +94,6 @@ def best(args: argparse.Namespace) -> None:
         _compare(args, f"best batch {model}", model, batch, variants)
 
 
-def fsdp2(args: argparse.Namespace) -> None:
-    """FSDP2 over a process group of one (bf16 parameters, fp32 reduction), eager, best batch."""
-    for model, batch in _best_batches(args).items():
-        _compare(args, f"fsdp2 {model}", model, batch, {"fsdp2": StepVariant()}, strategy="fsdp2")
-
-
 def encoder(args: argparse.Namespace) -> None:
     """Mask tokens in the encoder (reference) vs the MAE encoder on visible patches only."""
     for model in args.models:
@@ -110,7 +101,7 @@ def encoder(args: argparse.Namespace) -> None:
                  {"mask_tokens_in_encoder": StepVariant(mask_tokens_in_encoder=True), "encoder_only": StepVariant()})
 
 
-SECTIONS = {"sweep": sweep, "best": best, "fsdp2": fsdp2, "encoder": encoder}
+SECTIONS = {"sweep": sweep, "best": best, "encoder": encoder}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,25 +3,16 @@
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --models mae_vit_micro_patch4 mae_vit_tiny_patch4 \\
         --batch-sizes 2 8 --world-sizes 1 2 --profile
 
-For each world size, every process builds every candidate on the same weights and batch:
+For each world size, every process builds every candidate on the same weights and batch, each
+as the trainer builds it:
 
-  plain         the model alone (world size 1 only)
+  plain         the model alone (world size 1 only): the reference
   ddp           DistributedDataParallel, as the trainer wraps it
-  fsdp2_before  FSDP2 as maescale sharded it before: every block a unit, every unit resharded
-                after forward, torch's AdamW and clip_grad_norm_ on the DTensors
-  fsdp2_reshard, fsdp2_1_block, fsdp2_2_blocks, fsdp2_prefetch, fsdp2_copy_reduce
-                the trainer's cut with one choice changed (FSDP2_VARIANTS; fsdp2_prefetch adds
-                FSDP2's explicit forward prefetch, each unit gathering the next; fsdp2_copy_reduce
-                lets FSDP2 copy each reduction's input to its output over a group of one)
-  fsdp2         FSDP2 as the trainer shards it now (maescale/parallel.py, maescale/optim.py),
-                at every world size, one included: FSDP2's own cost
-  fsdp2_trainer what parallel.strategy=fsdp2 builds (parallel.build_model): the fsdp2 cut on
+  fsdp2         what parallel.strategy=fsdp2 builds (parallel.build_model): FSDP2 units on
                 several processes, the model whole on one (nothing to shard there)
-  plain_compiled, fsdp2_compiled, fsdp2_compiled_dynamic, fsdp2_compiled_whole
-                under torch.compile: the plain model whole (the reference of the others);
-                FSDP2 with each block compiled as under train.compile=true (static shapes), as
-                before (dynamo's default dynamic=None), or the whole model compiled before sharding
-  zero2, zero3  DeepSpeed ZeRO through its engine, with maescale's DeepSpeed config
+  zero1-3       DeepSpeed ZeRO through its engine, with maescale's DeepSpeed config
+
+(the names are maescale.layout.STRATEGIES; hsdp on one node is fsdp2)
 
 and times them in rounds that alternate the candidates (the order rotates every round), with
 the CPU time of the process (one thread: the step's own work, whatever else the machine runs).
@@ -29,21 +20,16 @@ Each step is cut into forward, backward, gradient clipping and optimizer step (+
 `train_step` is the trainer's step function (maescale/train.py) on the same batch, and
 `hand-off` what it adds to those phases (host-to-device copy, mask noise, accumulation).
 ZeRO clips and steps inside `engine.step()` (shown under optimizer); its reduction runs in
-backward. "per unit" is (candidate - plain) / FSDP units, at world size 1. "page faults/step"
-counts the pages the step touched fresh from the kernel: memory that glibc returned when it was
-freed and maps again, a CPU cost that a GPU's caching allocator does not have (run with
-MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 to keep freed memory instead).
+backward. Each candidate is compared with the plain model at world size 1 and with DDP on
+several processes.
 
---clock wall times elapsed instead of CPU time: what shows a collective overlapping compute
-(e.g. a prefetched all-gather), on a machine that runs nothing else.
+--clock wall times elapsed instead of CPU time: what shows a collective overlapping compute,
+on a machine that runs nothing else.
 
 --trainer times instead the trainer's own loop (maescale.train.Trainer on synthetic data,
 logging every 10 steps, a loader worker) against the bare step on the same model, optimizer
 and batch size, for each of --trainer-strategies, in interleaved rounds: "bare / trainer" is
 the share of the bare step's speed the trainer keeps.
-
---op-profile lists, per candidate, the ops (kernels and copies, with their input shapes) that
-take the most own CPU time per step under torch.profiler.
 
 --profile adds, per candidate, the CPU time of a few more steps under cProfile split by where
 it is spent (FSDP2 hooks, DTensor, optimizer Python, DeepSpeed, autograd engine, ...), so
@@ -57,7 +43,6 @@ import cProfile
 import json
 import os
 import pstats
-import resource
 import statistics
 import sys
 import tempfile
@@ -75,29 +60,14 @@ from maescale import parallel  # noqa: E402
 from maescale.__main__ import silence_uninformative_warnings  # noqa: E402
 from maescale.bench import CLOCKS  # noqa: E402
 from maescale.config import load_config  # noqa: E402
+from maescale.layout import STRATEGIES, Layout  # noqa: E402
 from maescale.models import build_model  # noqa: E402
 from maescale.optim import build_optimizer  # noqa: E402
 
 silence_uninformative_warnings()  # the trainer's filters, in every rank that imports this module
 
 PHASES = ("forward", "backward", "clip", "optimizer")
-# FSDP2 cuts other than the trainer's own ("fsdp2"), to measure the choices against.
-FSDP2_VARIANTS = {
-    "fsdp2_before": parallel.FSDP2Options(
-        blocks_per_unit=1, reshard_after_forward=True, reshard_decoder=True, decoder_as_one_unit=False,
-        reduce_in_place=False),
-    "fsdp2_reshard": parallel.FSDP2Options(reshard_after_forward=True),
-    "fsdp2_1_block": parallel.FSDP2Options(blocks_per_unit=1),
-    "fsdp2_2_blocks": parallel.FSDP2Options(blocks_per_unit=2),
-    "fsdp2_prefetch": parallel.FSDP2Options(forward_prefetch=True),
-    "fsdp2_copy_reduce": parallel.FSDP2Options(reduce_in_place=False),
-}
-# torch.compile: the whole model (plain, as the trainer compiles it unsharded; fsdp2_compiled_whole,
-# compiled before sharding, FSDP2's hooks inside the compiled call) or each block before sharding
-# (fsdp2_compiled, what parallelize does under train.compile=true).
-# fsdp2_compiled_dynamic: per block with dynamo's default dynamic=None, as maescale compiled before.
-COMPILED = ("plain_compiled", "fsdp2_compiled", "fsdp2_compiled_dynamic", "fsdp2_compiled_whole")
-CANDIDATES = ("plain", "ddp", *FSDP2_VARIANTS, "fsdp2", "fsdp2_trainer", *COMPILED, "zero2", "zero3")
+CANDIDATES = ("plain", *(name for name in STRATEGIES if name != "hsdp"))
 PROFILE_AREAS = (  # first match wins: (label, substring of the function's file or name)
     ("FSDP2", "distributed/fsdp"),
     ("FSDP2", "_fsdp"),
@@ -110,7 +80,6 @@ PROFILE_AREAS = (  # first match wins: (label, substring of the function's file 
     ("model (Python)", "maescale/models"),
     ("model (Python)", "timm/"),
     ("nn.Module calls and hooks", "torch/nn/modules"),
-    ("torch.compile wrappers", "torch/_dynamo"),
     ("record_function", "autograd/profiler"),
 )
 
@@ -128,7 +97,6 @@ class Candidate:
     units: int = 0  # FSDP units
     train_step: Callable[[], object] | None = None
     times: dict[str, list[float]] = field(default_factory=dict)
-    faults: list[float] = field(default_factory=list)  # minor page faults per step, each round
 
     def step(self, clock=time.process_time) -> list[float]:
         marks = [clock()]
@@ -143,11 +111,16 @@ class Candidate:
         return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def config(args, model_name: str, batch: int, strategy: str, zero_stage: int = 2):
+def config(args, model_name: str, batch: int, strategy: str):
     return load_config(None, [
         f"model.name={model_name}", f"data.batch_size={batch}", f"parallel.strategy={strategy}",
-        f"parallel.zero_stage={zero_stage}", f"optim.clip_grad={args.clip}",
+        f"optim.clip_grad={args.clip}",
     ])
+
+
+def layout_of(cfg) -> Layout:
+    """The Layout the trainer builds for `cfg` over this process group."""
+    return Layout.from_config(cfg.parallel, cfg.train.precision, dist.get_world_size())
 
 
 def fresh_model(model_name: str, seed: int = 0) -> torch.nn.Module:
@@ -173,35 +146,21 @@ def build_torch_candidate(name: str, args, model_name: str, batch: int, images, 
     from maescale.data import Batch
     from maescale.train import train_step
 
-    world = dist.get_world_size()
-    cfg = config(args, model_name, batch, "fsdp2" if name.startswith("fsdp2") else "ddp")
-    if name == "fsdp2_trainer":
-        model = parallel.build_model(lambda: fresh_model(model_name), cfg, accelerator)
+    cfg = config(args, model_name, batch, name)
+    if name == "fsdp2":
+        model = parallel.build_model(lambda: fresh_model(model_name), layout_of(cfg), cfg.parallel, accelerator)
     else:
-        model = compiled_as(name, fresh_model(model_name))
-        if name.startswith("fsdp2"):
-            options = FSDP2_VARIANTS.get(name) or parallel.fsdp2_options(cfg)
-            parallel.shard_fsdp2(model, parallel.device_mesh(world, "cpu"), options)
+        model = fresh_model(model_name)
     units = fsdp_units(model)
-    optimizer = build_optimizer(model, cfg, 1e-4, local_shards=name != "fsdp2_before")
-    clip = torch.nn.utils.clip_grad_norm_ if name == "fsdp2_before" else parallel.clip_grad_norm
+    optimizer = build_optimizer(model, cfg.optim, 1e-4)
     if name == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
-    candidate = Candidate(name, model, units=units, **torch_step(model, optimizer, images, noise, clip, args.clip))
-    if name != "fsdp2_before":
-        labels = torch.zeros(len(images), dtype=torch.long)
-        batches = [Batch(images, labels, (), torch.arange(len(images)))]
-        candidate.train_step = lambda: train_step(model, optimizer, accelerator, batches, noise.shape[1], args.clip)
+    candidate = Candidate(name, model, units=units,
+                          **torch_step(model, optimizer, images, noise, parallel.clip_grad_norm, args.clip))
+    labels = torch.zeros(len(images), dtype=torch.long)
+    batches = [Batch(images, labels, (), torch.arange(len(images)))]
+    candidate.train_step = lambda: train_step(model, optimizer, accelerator, batches, noise.shape[1], args.clip)
     return candidate
-
-
-def compiled_as(name: str, model: torch.nn.Module) -> torch.nn.Module:
-    """The model compiled the way candidate `name` is (in place; unchanged if not compiled)."""
-    if name in ("fsdp2_compiled", "fsdp2_compiled_dynamic"):
-        parallel.compile_blocks(model, dynamic=None if name.endswith("dynamic") else False)
-    elif name in COMPILED:
-        model.compile()
-    return model
 
 
 def fsdp_units(model: torch.nn.Module) -> int:
@@ -215,11 +174,12 @@ def fsdp_units(model: torch.nn.Module) -> int:
 def build_zero_candidate(stage: int, args, model_name: str, batch: int, images, noise) -> Candidate:
     import deepspeed
 
-    cfg = config(args, model_name, batch, "deepspeed", zero_stage=stage)
+    cfg = config(args, model_name, batch, f"zero{stage}")
     model = fresh_model(model_name)
-    optimizer = build_optimizer(model, cfg, 1e-4)
+    optimizer = build_optimizer(model, cfg.optim, 1e-4)
+    settings = parallel.ZeroSettings(batch, args.clip, model.embed_dim)
     # As Accelerate does for an optimizer of the user's (the trainer's path).
-    ds_config = {**parallel.deepspeed_config(cfg), "zero_allow_untested_optimizer": True}
+    ds_config = {**parallel.deepspeed_config(layout_of(cfg), settings), "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return Candidate(f"zero{stage}", engine, **zero_step(engine, images, noise))
 
@@ -236,14 +196,14 @@ def build_candidates(args, model_name: str, batch: int, accelerator) -> list[Can
     images = torch.randn(batch, probe.in_chans, *probe.img_size)
     noise = torch.rand(batch, probe.num_patches)
     world = dist.get_world_size()
-    names = [n for n in args.candidates if not (n.startswith("plain") and world > 1)]
+    names = [n for n in args.candidates if not (n == "plain" and world > 1)]
     candidates = []
     for name in names:
-        if name.startswith("zero"):
-            candidates.append(build_zero_candidate(int(name[-1]), args, model_name, batch, images, noise))
-        elif name.startswith("plain"):
-            model = compiled_as(name, fresh_model(model_name))
-            optimizer = build_optimizer(model, config(args, model_name, batch, "ddp"), 1e-4)
+        if name in STRATEGIES and Layout(name).deepspeed:
+            candidates.append(build_zero_candidate(Layout(name).zero_stage, args, model_name, batch, images, noise))
+        elif name == "plain":
+            model = fresh_model(model_name)
+            optimizer = build_optimizer(model, config(args, model_name, batch, "ddp").optim, 1e-4)
             candidates.append(Candidate(name, model, **torch_step(model, optimizer, images, noise,
                                                                    parallel.clip_grad_norm, args.clip)))
         else:
@@ -251,19 +211,11 @@ def build_candidates(args, model_name: str, batch: int, accelerator) -> list[Can
     return candidates
 
 
-def minor_page_faults() -> int:
-    """Pages this process has touched for the first time since it mapped them: a CPU allocator
-    that gives freed buffers back to the kernel pays one per 4 KiB page when they return (CUDA's
-    caching allocator keeps them), so a strategy that frees and reallocates per step shows here."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def timed(fn: Callable[[], object], steps: int, clock: Callable[[], float] = time.process_time) -> float:
     start = clock()
     for _ in range(steps):
         fn()
     return (clock() - start) / steps
-
 
 
 def measure(candidates: list[Candidate], args) -> None:
@@ -278,9 +230,7 @@ def measure(candidates: list[Candidate], args) -> None:
     for r in range(args.rounds):
         order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]
         for c in order:
-            faults = minor_page_faults()
             per_step = [c.step(clock) for _ in range(args.steps)]
-            c.faults.append((minor_page_faults() - faults) / args.steps)
             for phase, values in zip(PHASES, zip(*per_step)):
                 c.times[phase].append(statistics.fmean(values))
             if c.train_step:
@@ -304,20 +254,6 @@ def profile(candidate: Candidate, steps: int) -> dict[str, float]:
     return dict(sorted(areas.items(), key=lambda item: -item[1]))
 
 
-def op_profile(candidate: Candidate, steps: int, top: int = 8) -> list[dict]:
-    """The ops with the most own CPU time per step (torch.profiler), by name and input shapes:
-    which kernels and copies a strategy adds, where cProfile sees only "kernels (C++)"."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(steps):
-            candidate.step()
-    ops = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:top]
-    return [{"op": e.key, "shapes": str(e.input_shapes), "ms": e.self_cpu_time_total / 1000 / steps,
-             "calls": e.count / steps} for e in ops]
-
-
 def result_rows(candidates: list[Candidate], model_name: str, batch: int, world: int, args) -> list[dict]:
     medians = {c.name: {phase: 1000 * statistics.median(t) for phase, t in c.times.items() if t} for c in candidates}
     totals = {name: sum(m[p] for p in PHASES) for name, m in medians.items()}
@@ -328,24 +264,18 @@ def result_rows(candidates: list[Candidate], model_name: str, batch: int, world:
         row = {
             "model": model_name, "batch": batch, "world": world, "candidate": c.name, **{p: m[p] for p in PHASES},
             "step": totals[c.name], "vs_reference": totals[c.name] / totals[reference] if reference else None,
-            "reference": reference, "units": c.units, "clock": args.clock,
-            "train_step": m.get("train_step"), "faults": statistics.median(c.faults),
-            "per_unit": (totals[c.name] - totals[reference]) / c.units
-            if c.units and reference and reference.startswith("plain") else None,
+            "reference": reference, "units": c.units, "clock": args.clock, "train_step": m.get("train_step"),
         }
         if args.profile:
             row["profile"] = profile(c, args.profile_steps)
-        if args.op_profile:
-            row["ops"] = op_profile(c, args.profile_steps)
         rows.append(row)
     return rows
 
 
 def reference_for(name: str, totals: dict[str, float]) -> str | None:
-    """What a candidate is compared with, of those that ran: the plain model compiled as it is
-    (compiled candidates) or eager, else DDP (world size 2); None when none of them ran."""
-    preferred = ("plain_compiled", "plain", "ddp") if name in COMPILED else ("plain", "ddp")
-    return next((reference for reference in preferred if reference in totals), None)
+    """What a candidate is compared with, of those that ran: the plain model, else DDP (several
+    processes); None when neither ran."""
+    return next((reference for reference in ("plain", "ddp") if reference in totals), None)
 
 
 def trainer_rows(args, model_name: str, batch: int, world: int, tmp: Path) -> list[dict]:
@@ -355,13 +285,12 @@ def trainer_rows(args, model_name: str, batch: int, world: int, tmp: Path) -> li
 
     trainers = {}
     for strategy in args.trainer_strategies:
-        zero = strategy.startswith("zero")
+        zero = Layout(strategy).deepspeed
         cfg = load_config(None, [
             f"output_dir={tmp / f'{strategy}_{model_name}_{batch}'}", f"model.name={model_name}",
             f"data.batch_size={batch}", f"data.synthetic_size={batch * world * 10_000}",
             f"data.num_workers={args.trainer_workers}", f"optim.clip_grad={args.clip}",
-            f"parallel.strategy={'deepspeed' if zero else strategy}",
-            f"parallel.zero_stage={strategy[-1] if zero else 2}",
+            f"parallel.strategy={strategy}",
             "checkpoint.every_steps=1000000", "schedule.epochs=1", "schedule.warmup_epochs=0",
         ])
         trainer = Trainer(cfg)
@@ -403,8 +332,8 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", TQDM_DISABLE="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    if any(name.startswith("zero") for name in args.candidates):
-        parallel._deepspeed_workarounds(on_cpu=True)
+    if any(Layout(name).deepspeed for name in args.candidates if name in STRATEGIES):
+        parallel.zero._deepspeed_workarounds(on_cpu=True)
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)  # what train_step reads: device and backward
@@ -414,10 +343,6 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
             if args.trainer:
                 rows += trainer_rows(args, model_name, batch, world, Path(out).parent)
             else:
-                # Each (model, batch) compiles afresh: graphs kept from earlier ones would count
-                # towards dynamo's recompile limit per code object (all blocks share timm's
-                # Block.forward), past which compiled candidates silently run eager.
-                torch._dynamo.reset()
                 candidates = build_candidates(args, model_name, batch, accelerator)
                 measure(candidates, args)
                 rows += result_rows(candidates, model_name, batch, world, args)
@@ -441,18 +366,16 @@ def run_world(world: int, args) -> list[dict]:
 
 
 HEADER = ("| model | batch | world | candidate | forward | backward | clip | optimizer | step ms | vs ref | "
-          "units | per unit ms | train_step | hand-off | page faults/step |")
+          "units | train_step | hand-off |")
 
 
 def table_row(r: dict) -> str:
-    per_unit = f"{r['per_unit']:.2f}" if r["per_unit"] is not None else "-"
     train = f"{r['train_step']:.2f}" if r["train_step"] is not None else "-"
     hand_off = f"{r['train_step'] - r['step']:+.2f}" if r["train_step"] is not None else "-"
     vs_reference = f"{r['vs_reference']:.2f}x {r['reference']}" if r["reference"] else "-"
     return (f"| {r['model']} | {r['batch']} | {r['world']} | {r['candidate']} | {r['forward']:.2f} | "
             f"{r['backward']:.2f} | {r['clip']:.2f} | {r['optimizer']:.2f} | {r['step']:.2f} | "
-            f"{vs_reference} | {r['units'] or '-'} | {per_unit} | {train} | {hand_off} | "
-            f"{r['faults']:.0f} |")
+            f"{vs_reference} | {r['units'] or '-'} | {train} | {hand_off} |")
 
 
 TRAINER_HEADER = "| model | batch | world | strategy | trainer ms/step | bare ms/step | bare / trainer | per round |"
@@ -472,14 +395,6 @@ def profile_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def op_profile_lines(rows: list[dict]) -> list[str]:
-    lines = ["", "Ops with the most own CPU time per step (torch.profiler; ms, calls per step, input shapes):", ""]
-    for r in rows:
-        ops = "; ".join(f"{o['op']} {o['shapes']} {o['ms']:.2f} ms x{o['calls']:g}" for o in r["ops"])
-        lines.append(f"- {r['model']} b{r['batch']} w{r['world']} {r['candidate']}: {ops}")
-    return lines
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mae_vit_micro_patch4", "mae_vit_tiny_patch4"])
@@ -494,18 +409,16 @@ def main(argv: list[str] | None = None) -> None:
                              "time, which also shows collectives overlapping compute (an otherwise idle machine)")
     parser.add_argument("--clip", type=float, default=1.0, help="optim.clip_grad (the large-model recipes clip)")
     parser.add_argument("--profile", action="store_true", help="break each candidate's time down by area")
-    parser.add_argument("--op-profile", action="store_true", help="the ops (kernels, copies) each candidate spends on")
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--trainer", action="store_true",
                         help="time the trainer's loop against the bare step instead (--trainer-strategies)")
-    parser.add_argument("--trainer-strategies", nargs="+", choices=["ddp", "fsdp2", "zero2", "zero3"],
-                        default=["ddp", "fsdp2"],
+    parser.add_argument("--trainer-strategies", nargs="+", choices=list(STRATEGIES), default=["ddp", "fsdp2"],
                         help="ddp and fsdp2 interleave; zero2 or zero3 runs alone")
     parser.add_argument("--trainer-steps", type=int, default=20, help="steps per trainer round")
     parser.add_argument("--trainer-workers", type=int, default=1, help="data.num_workers of the trainer")
     parser.add_argument("--jsonl", help="append each row as a JSON line to this file")
     args = parser.parse_args(argv)
-    zero = [s for s in args.trainer_strategies if s.startswith("zero")]
+    zero = [s for s in args.trainer_strategies if Layout(s).deepspeed]
     if args.trainer and zero and len(args.trainer_strategies) > 1:
         parser.error("--trainer-strategies: a ZeRO trainer runs alone "
                      "(Accelerate keeps one DeepSpeed state per process)")
@@ -514,8 +427,6 @@ def main(argv: list[str] | None = None) -> None:
     lines = [header, "|---" * (header.count("|") - 1) + "|", *map(to_row, rows)]
     if args.profile:
         lines += profile_lines(rows)
-    if args.op_profile:
-        lines += op_profile_lines(rows)
     print("\n".join(lines), flush=True)
     if args.jsonl:
         with open(args.jsonl, "a") as f:

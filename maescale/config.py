@@ -19,7 +19,13 @@ import yaml
 
 from .data_kinds import data_kind, kinds_help
 from .errors import ConfigError
-from .layout import STRATEGIES, check_strategy_settings, legacy_override_error, translate_legacy_parallel
+from .layout import (
+    STRATEGIES,
+    check_strategy_settings,
+    legacy_override_error,
+    translate_legacy_parallel,
+    zero_stage_of,
+)
 from .sizes import image_hw
 
 
@@ -484,7 +490,7 @@ def validate(cfg: Config) -> None:
             (cfg.parallel.blocks_per_unit > 0, "parallel.blocks_per_unit must be positive"),
             (cfg.train.max_nonfinite_skips >= 0, "train.max_nonfinite_skips must be >= 0"),
             (
-                cfg.train.nonfinite == "stop" or not cfg.parallel.strategy.startswith("zero"),
+                cfg.train.nonfinite == "stop" or not zero_stage_of(cfg.parallel.strategy),
                 f"train.nonfinite=skip is not available with parallel.strategy={cfg.parallel.strategy} "
                 "(DeepSpeed's engine steps inside backward)",
             ),
@@ -513,8 +519,8 @@ def figure_channel_checks(channels: list[int] | None, in_chans: int) -> list[tup
 def required_extras(cfg: Any) -> list[tuple[str, str, str]]:
     """(module, extra, what needs it) for the optional packages a config uses."""
     needed = []
-    strategy = getattr(getattr(cfg, "parallel", None), "strategy", "")
-    if strategy.startswith("zero"):
+    strategy = getattr(getattr(cfg, "parallel", None), "strategy", "ddp")
+    if zero_stage_of(strategy):
         needed.append(("deepspeed", "deepspeed", f"parallel.strategy={strategy}"))
     extra = data_kind(cfg.data.kind).extra
     if extra:

@@ -34,6 +34,11 @@ FSDP2_STRATEGIES = ("fsdp2", "hsdp")
 log = logging.getLogger(__name__)
 
 
+def zero_stage_of(strategy: str) -> int:
+    """DeepSpeed's ZeRO stage of a strategy name, 0 for the strategies DeepSpeed does not run."""
+    return int(strategy[-1]) if strategy.startswith("zero") else 0
+
+
 def check_strategy_settings(strategy: str, replicate_degree: int | None, cpu_offload: bool) -> None:
     """The checks that need no process count: the config's validation and every Layout run them."""
     if strategy not in STRATEGIES:
@@ -80,7 +85,7 @@ class Layout:
     @property
     def zero_stage(self) -> int:
         """DeepSpeed's ZeRO stage, 0 when DeepSpeed does not run."""
-        return int(self.strategy[-1]) if self.strategy.startswith("zero") else 0
+        return zero_stage_of(self.strategy)
 
     @property
     def deepspeed(self) -> bool:

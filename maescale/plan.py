@@ -16,8 +16,8 @@ peak is the largest total at any moment rather than the sum of every part:
 The activation formulas are exact for the CPU kernels (the tests compare them byte for byte
 with an exact live-storage count on small models, tests/storage_tracker.py); the whole model
 reproduces the H200 peaks recorded in docs/BENCHMARKS.md and the CPU rows of benchmarks/memory.py
-within the tolerance that benchmarks/plan_check.py prints. What is predicted is memory allocated by PyTorch (CUDA's
-`max_memory_allocated`); the CUDA context, NCCL's own buffers and the caching allocator's
+within the tolerance that `benchmarks/memory.py --cpu/--gpu` prints. What is predicted is memory
+allocated by PyTorch (CUDA's `max_memory_allocated`); the CUDA context, NCCL's own buffers and the caching allocator's
 fragmentation come on top, which is why batches "fit" only below `DEFAULT_HEADROOM` of the GPU.
 
 Step time is compute only: training FLOPs (`metrics.mae_train_flops_per_image`, with the

@@ -224,7 +224,8 @@ class Trainer:
         self.cfg = cfg
         self.layout = parallel.launch_layout(cfg.parallel, cfg.train.precision)
         self._read_model_shape()
-        self.accelerator = parallel.build_accelerator(self.layout, cfg.parallel.backend, self._deepspeed_config())
+        zero = parallel.ZeroSettings(cfg.data.batch_size, cfg.optim.clip_grad, self.embed_dim)
+        self.accelerator = parallel.build_accelerator(self.layout, cfg.parallel.backend, zero)
         self.output_dir = require_writable(Path(cfg.output_dir), self.accelerator.process_index)
         self.ckpt_root = checkpoint.checkpoint_root(self.output_dir)
         acc = self.accelerator
@@ -249,12 +250,6 @@ class Trainer:
             shape = model_from_config(self.cfg)
         self.img_size, self.num_patches, self.embed_dim = shape.img_size, shape.num_patches, shape.embed_dim
         self.flops_per_image = mae_train_flops_per_image(shape)
-
-    def _deepspeed_config(self) -> dict | None:
-        if not self.layout.deepspeed:
-            return None
-        cfg = self.cfg
-        return parallel.deepspeed_config(self.layout, cfg.data.batch_size, cfg.optim.clip_grad, self.embed_dim)
 
     def _build_loader(self) -> Loader:
         cfg, acc = self.cfg, self.accelerator

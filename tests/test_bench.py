@@ -1,9 +1,11 @@
 """Benchmark tooling: step variants, FLOPs of the variants, the benchmark scripts on tiny
-configs, the prepared GPU check, and the fast mask-noise path of the loader."""
+configs, the prepared GPU check, the mask-noise hash of the loader, and the benchmark pages'
+references to scripts and recorded results."""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import re
@@ -24,7 +26,7 @@ from maescale.models import build_model
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_suite  # noqa: E402
-from straightforward_mae import build_straightforward, straightforward_step  # noqa: E402
+from step_variants import build_straightforward, straightforward_step  # noqa: E402
 
 MICRO = "mae_vit_micro_patch4"
 
@@ -212,15 +214,20 @@ def test_gpu_check_script_is_valid_and_names_real_sections():
     subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=REPO, check=True)
     text = (REPO / "benchmarks/gpu_check.sh").read_text()
     sections = re.findall(r"^section (\w+) \d+", text, flags=re.M)
-    assert sections == ["sweep", "best", "fsdp2"] and set(sections) <= set(gpu_suite.SECTIONS)
+    assert sections == ["sweep", "best"] and set(sections) <= set(gpu_suite.SECTIONS)
     for script in re.findall(r"python (benchmarks/\w+\.py)", text):
         assert (REPO / script).is_file(), script
-    for test in re.findall(r"(tests/test_\w+\.py)", text):
-        assert (REPO / test).is_file(), test
-    # Every step has a time limit, and together they fit the 8 minutes (the trainer's runs once per strategy).
-    limits = [int(n) for n in re.findall(r"timeout (\d+)", text) + re.findall(r"^section \w+ (\d+)", text, re.M)]
+    # The whole suite, over xdist workers one module each, its report in the output folder.
+    assert re.search(r'python -m pytest "\$\{pytest_args\[@\]\}" tests >', text)
+    assert '--junitxml="$out/junit.xml"' in text
+    assert "-n 8 --dist loadscope" in text and "--timeout" in text
+    # Every step has a time limit (kill-after included), and together they fit the 8 minutes
+    # (the trainer's runs once per strategy).
+    calls = re.findall(r"(?<![-\w])timeout (?:-s \w+ )?(?:-k (\d+) )?(\d+)", text)
+    limits = [int(k or 0) + int(n) for k, n in calls] + [int(n) for n in re.findall(r"^section \w+ (\d+)", text, re.M)]
     per_strategy = int(re.search(r"timeout (\d+) python -m torch.distributed.run", text).group(1))
     strategies = re.search(r"for strategy in ([\w ]+);", text).group(1).split()
+    assert strategies == ["ddp", "fsdp2"]
     assert sum(limits) + per_strategy * (len(strategies) - 1) <= 8 * 60
 
 
@@ -231,20 +238,13 @@ def test_gpu_suite_sections_on_cpu(tmp_path):
     gpu_suite.main(["sweep", *tiny, "--batch-sizes", "2", "4"])
     assert json.loads((tmp_path / "best_batch.json").read_text())[MICRO] in (2, 4)
     gpu_suite.main(["encoder", *tiny, "--encoder-batch", "2"])
-    gpu_suite.main(["best", *tiny, "--no-compile"])
-    # FSDP2 starts a process group: in its own process, as gpu_check.sh runs it.
-    _script("benchmarks/gpu_suite.py", "fsdp2", *tiny)
+    # in its own process, as gpu_check.sh runs each section
+    _script("benchmarks/gpu_suite.py", "best", *tiny, "--no-compile")
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     sections = [row["section"].split()[0] for row in rows]
-    assert sections == ["sweep", "sweep", "encoder", "encoder", "best", "fsdp2"]
-    assert rows[-1]["strategy"] == "fsdp2" and rows[0]["precision"] == "bf16"
+    assert sections == ["sweep", "sweep", "encoder", "encoder", "best"]
+    assert rows[0]["precision"] == "bf16" and rows[-1]["variant"] == "eager"
     assert "### encoder" in (tmp_path / "table.md").read_text()
-
-
-def test_mask_noise_benchmark_runs():
-    out = _script("benchmarks/mask_noise.py", "--device", "cpu", "--batch-size", "4", "--num-patches", "8",
-                  "--rounds", "1", "--steps", "1").stdout
-    assert re.search(r"\| hash on the device \| [\d.]+ \| [\d.]+x \|", out), out
 
 
 def test_forward_backward_only_variant_leaves_the_weights():
@@ -272,95 +272,61 @@ def test_host_overhead_breaks_steps_down_for_every_strategy(tmp_path):
     common = ["--models", MICRO, "--batch-sizes", "2", "--rounds", "1", "--steps", "1", "--warmup", "1",
               "--jsonl", str(rows_file)]
     _script("benchmarks/host_overhead.py", *common, "--world-sizes", "1", "2", "--profile", "--profile-steps", "1",
-            "--op-profile", "--candidates", "plain", "ddp", "fsdp2_before", "fsdp2", "fsdp2_prefetch")
+            "--candidates", "plain", "ddp", "fsdp2")
     _script("benchmarks/host_overhead.py", *common, "--world-sizes", "2", "--trainer", "--trainer-steps", "2",
             "--trainer-workers", "0")
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     steps = {(r["world"], r["candidate"]): r for r in rows if "candidate" in r}
-    assert set(steps) == {(1, "plain"), (1, "ddp"), (1, "fsdp2_before"), (1, "fsdp2"), (1, "fsdp2_prefetch"),
-                          (2, "ddp"), (2, "fsdp2_before"), (2, "fsdp2"), (2, "fsdp2_prefetch")}
+    assert set(steps) == {(1, "plain"), (1, "ddp"), (1, "fsdp2"), (2, "ddp"), (2, "fsdp2")}
     assert {steps[(1, "fsdp2")]["reference"], steps[(2, "fsdp2")]["reference"]} == {"plain", "ddp"}
     for row in steps.values():
         assert row["step"] == pytest.approx(sum(row[p] for p in ("forward", "backward", "clip", "optimizer")))
-        assert row["faults"] >= 0
-    # micro: 2 encoder blocks, 1 decoder block, the root: 3 units grouped (blocks_per_unit=4), 4 one per block
-    assert steps[(1, "fsdp2")]["units"] == 3 and steps[(1, "fsdp2_before")]["units"] == 4
-    assert steps[(1, "fsdp2")]["profile"]["FSDP2"] > 0 and "FSDP2" not in steps[(1, "plain")]["profile"]
-    assert steps[(1, "fsdp2_before")]["profile"]["DTensor"] > steps[(1, "fsdp2")]["profile"].get("DTensor", 0)
-    ops = steps[(1, "plain")]["ops"]
-    assert len(ops) == 8 and all(op["ms"] > 0 and op["calls"] > 0 for op in ops)
-    assert any(op["op"].startswith("aten::") and op["shapes"] != "[]" for op in ops)  # kernels, with shapes
+        assert row["train_step"] > 0
+    # On one process the trainer's fsdp2 is the model whole; on two, micro's 2 encoder blocks (one unit
+    # of up to 4), its decoder block and the root are 3 FSDP2 units.
+    assert steps[(1, "fsdp2")]["units"] == 0 and "FSDP2" not in steps[(1, "fsdp2")]["profile"]
+    assert steps[(2, "fsdp2")]["units"] == 3 and steps[(2, "fsdp2")]["profile"]["FSDP2"] > 0
+    assert "FSDP2" not in steps[(1, "plain")]["profile"]
     trainer = [r for r in rows if "strategy" in r]
     assert [(r["world"], r["strategy"]) for r in trainer] == [(2, "ddp"), (2, "fsdp2")]
     assert all(r["trainer_ms"] > 0 and r["bare_ms"] > 0 for r in trainer)
 
 
-def test_host_overhead_compares_compiled_candidates_with_the_compiled_plain_model():
+def test_host_overhead_compares_with_plain_then_ddp():
     import host_overhead  # benchmarks/ is on sys.path
-    ran = {"plain": 10.0, "plain_compiled": 8.0, "fsdp2": 15.0, "fsdp2_compiled": 12.0}
-    assert host_overhead.reference_for("fsdp2_compiled", ran) == "plain_compiled"
-    assert host_overhead.reference_for("fsdp2", ran) == "plain"
-    assert host_overhead.reference_for("fsdp2_compiled", {"ddp": 1.0, "fsdp2_compiled": 2.0}) == "ddp"
-    assert host_overhead.reference_for("fsdp2", {"fsdp2": 1.0}) is None
+
+    assert host_overhead.reference_for("fsdp2", {"plain": 10.0, "ddp": 11.0, "fsdp2": 10.0}) == "plain"
+    assert host_overhead.reference_for("zero3", {"ddp": 1.0, "zero3": 2.0}) == "ddp"
+    assert host_overhead.reference_for("zero2", {"zero2": 1.0}) is None
 
 
-def test_fsdp2_unit_cost_splits_fixed_and_per_parameter_cost():
-    out = _script("benchmarks/fsdp2_unit_cost.py", "--units", "2", "--params", "1", "3", "--elements", "96",
-                  "--rounds", "1", "--steps", "2").stdout
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [(int(r[0]), int(r[1])) for r in rows] == [(1, 96), (3, 96)]
-    assert all(float(r[3]) > float(r[2]) > 0 for r in rows)  # FSDP2 adds host time to the plain step
-    assert re.search(r"per unit, 96 elements: -?[0-9.]+ ms fixed \+ -?[0-9.]+ ms per parameter", out)
-    refused = subprocess.run([sys.executable, "benchmarks/fsdp2_unit_cost.py", "--params", "4"], cwd=REPO,
-                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert refused.returncode == 2 and "at least two counts" in refused.stderr
+# ------------------------------------------------------------------ memory vs the plan
 
 
-def test_fsdp2_copies_times_one_units_three_copies():
-    out = _script("benchmarks/fsdp2_copies.py", "--model", MICRO, "--blocks", "2", "--repeats", "2").stdout
-    assert out.startswith(f"{MICRO}, 2 blocks: 24 tensors")  # 12 parameters per timm Block
-    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 3 and all(float(row[2]) > 0 for row in rows)
+def test_memory_script_sets_recorded_rows_against_the_plan():
+    results = REPO / "benchmarks/results"
+    out = _script("benchmarks/memory.py", "--cpu", str(results / "2026-12-02-memory-vit-b-mmap-threshold.txt"),
+                  "--gpu", str(results / "2026-11-26-h200.jsonl")).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| mae_")]
+    assert len(rows) == 4 + 8  # ddp fsdp2 zero2 zero3 on CPU; the 8 recorded H200 steps
+    within, total = map(int, re.search(r"(\d+) of (\d+) predictions within 20%", out).groups())
+    assert within == total == 4 * 3 + 8
 
 
-def test_backward_peak_shows_the_in_place_reduction_holding_less_as_planned():
-    out = _script("benchmarks/backward_peak.py", "--models", "mae_vit_tiny_patch4").stdout
-    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    plain, copied, in_place = (float(cell) for cell in rows[0][2:5])
-    # FSDP2 over one process gathers its weights beside the model's; in place, a reduce buffer less
-    assert plain < in_place < copied
-    # maescale plan's peak up to the end of backward, against each measurement
-    ratios = [float(re.search(r"\(([\d.]+)\)", cell).group(1)) for cell in rows[0][5:7]]
-    assert all(0.97 < ratio < 1.03 for ratio in ratios), ratios
+# ------------------------------------------------------------------ the pages that cite them
 
 
-def test_host_allocator_runs_the_trainer_under_each_allocator():
-    out = _script("benchmarks/host_allocator.py", "--allocators", "glibc", "glibc_mmap_128k", "--steps", "2",
-                  "--rounds", "1", "--threads", "1", "--", f"model.name={MICRO}", "data.batch_size=8",
-                  "data.synthetic_size=64", "data.num_workers=0").stdout
-    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [row[1].strip() for row in rows] == ["glibc", "glibc_mmap_128k"]
-    assert rows[0][3].strip() == "1.00x" and all(float(row[6]) > 100 for row in rows)  # peak RSS MiB
-
-
-def test_host_allocator_env_is_the_allocators_own_with_a_full_preload_path(monkeypatch, capsys):
-    import host_allocator
-
-    monkeypatch.setitem(host_allocator.ALLOCATORS, "absent", {"LD_PRELOAD": "libnot-installed.so.0"})
-    assert host_allocator.allocator_env("absent") is None
-    assert host_allocator.allocator_env("glibc_mmap_128k") == {"MALLOC_MMAP_THRESHOLD_": "131072"}
-    args = host_allocator.argparse.Namespace(allocators=["absent"], rounds=1)
-    with pytest.raises(SystemExit, match="none of the allocators asked for is installed"):
-        host_allocator.measure(args)
-    assert "skipping absent: libnot-installed.so.0 is not installed" in capsys.readouterr().err
-    monkeypatch.setenv("LD_PRELOAD", "/caller/libother.so")
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    env = host_allocator.run_env({"MALLOC_MMAP_THRESHOLD_": "131072"}, threads=1)
-    assert "LD_PRELOAD" not in env and "MALLOC_ARENA_MAX" not in env and env["MALLOC_MMAP_THRESHOLD_"] == "131072"
-    monkeypatch.delenv("LD_PRELOAD")
-    # zlib (on every Debian, not loaded by a bare interpreter) stands in for jemalloc / tcmalloc
-    monkeypatch.setitem(host_allocator.ALLOCATORS, "zlib", {"LD_PRELOAD": "libz.so.1"})
-    preload = host_allocator.allocator_env("zlib")
-    maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"],
-                          env={**os.environ, **preload}, capture_output=True, text=True, check=True).stdout
-    assert Path(preload["LD_PRELOAD"]).is_absolute() and preload["LD_PRELOAD"] in maps
+def test_benchmark_pages_cite_existing_scripts_and_every_recorded_result():
+    """README and docs/ name only scripts and results that exist (docs/ARCHIVE.md names those of
+    earlier commits), and docs/BENCHMARKS.md names every recorded result."""
+    pages = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "ARCHIVE.md")]
+    text = "\n".join(page.read_text() for page in pages)
+    for script in set(re.findall(r"benchmarks/\w+\.(?:py|sh)", text)):
+        assert (REPO / script).is_file(), script
+    cited = {name.rstrip(".") for name in re.findall(r"benchmarks/results/([\w.*\[\]-]+)", text)}
+    recorded = {path.name for path in (REPO / "benchmarks/results").iterdir()}
+    for pattern in cited:
+        assert any(fnmatch.fnmatch(name, pattern) for name in recorded), pattern
+    benchmarks_page = (REPO / "docs/BENCHMARKS.md").read_text()
+    for name in recorded:
+        assert name in benchmarks_page or any(fnmatch.fnmatch(name, p) for p in cited), name

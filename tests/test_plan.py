@@ -181,7 +181,7 @@ def test_simulated_peak_is_within_20_percent_of_the_exact_cpu_peak(checkpointing
 
 
 def test_recorded_h200_peaks_are_predicted_within_20_percent():
-    rows = [json.loads(line) for line in (REPO / "docs/gpu/2026-11-26-h200.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (REPO / "benchmarks/results/2026-11-26-h200.jsonl").read_text().splitlines()]
     for row in rows:
         setup = Setup(strategy="ddp", world_size=1, precision=row["precision"], batch_size=row["batch_size"],
                       input_batches=1)
@@ -191,13 +191,13 @@ def test_recorded_h200_peaks_are_predicted_within_20_percent():
 
 def test_recorded_cpu_memory_rows_are_predicted_as_measured():
     """benchmarks/memory.py's ViT-B rows (RSS following allocations): the live-tensor columns to 1%,
-    the peak within 20%, through benchmarks/plan_check.py's reading of the saved output."""
+    the peak within 20%, through benchmarks/memory.py's reading of the saved output."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("plan_check", REPO / "benchmarks/plan_check.py")
+    spec = importlib.util.spec_from_file_location("memory_benchmark", REPO / "benchmarks/memory.py")
     plan_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plan_check)
-    saved = plan_check.read_memory_output(REPO / "docs/cpu/2026-12-02-memory-vit-b-mmap-threshold.txt")
+    saved = plan_check.read_memory_output(REPO / "benchmarks/results/2026-12-02-memory-vit-b-mmap-threshold.txt")
     assert saved["rss_follows_live"] and set(saved["rows"]) == {"ddp", "fsdp2", "zero2", "zero3"}
     for strategy, measured in saved["rows"].items():
         predicted = plan_check.predict_cpu_row(saved["model"], saved["nproc"], strategy)

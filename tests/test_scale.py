@@ -112,8 +112,7 @@ def _sharded_build_worker(rank: int, world: int, port: int, overrides: list[str]
 
     cfg = load_config(None, ["model.name=mae_vit_micro_patch4", "parallel.backend=gloo", *overrides])
     layout = parallel.launch_layout(cfg.parallel, cfg.train.precision)
-    deepspeed = parallel.deepspeed_config(layout, cfg.data.batch_size, None, 64) if layout.deepspeed else None
-    accelerator = parallel.build_accelerator(layout, cfg.parallel.backend, deepspeed)
+    accelerator = parallel.build_accelerator(layout, cfg.parallel.backend)
     torch.manual_seed(cfg.seed)
     model = parallel.build_model(lambda: model_from_config(cfg), layout, cfg.parallel, accelerator)
     held = parallel.local_parameter_fraction(model)

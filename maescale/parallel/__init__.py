@@ -43,7 +43,7 @@ from .processes import (
     process_group_for,
     start_process_group_of_one,
 )
-from .zero import deepspeed_config, input_dtype, is_deepspeed, zero_bucket_elements
+from .zero import ZeroSettings, deepspeed_config, input_dtype, is_deepspeed, zero_bucket_elements
 
 __all__ = [
     "FSDP2Options", "ReduceOverOneRank", "all_finite", "any_process", "build_accelerator", "build_model",
@@ -51,5 +51,5 @@ __all__ = [
     "deepspeed_config", "free_port", "input_dtype", "is_deepspeed", "launch_layout", "launched_processes",
     "local_parameter_fraction", "local_processes", "mean_across_processes", "no_gradient_sync", "parallelize",
     "placement", "prepare", "process_group_for", "shard_fsdp2", "shard_group", "start_process_group_of_one",
-    "transformer_blocks", "unwrap", "zero_bucket_elements",
+    "transformer_blocks", "unwrap", "ZeroSettings", "zero_bucket_elements",
 ]

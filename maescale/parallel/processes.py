@@ -22,6 +22,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from ..errors import StrategyError
 from ..layout import Layout
+from .zero import ZeroSettings, deepspeed_config, deepspeed_plugin
 
 # A rank that dies leaves the others blocked in a collective; they give up after this.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -63,9 +64,9 @@ def choose_backend(requested: str, gpus: int, processes_on_node: int) -> str:
     return requested
 
 
-def build_accelerator(layout: Layout, backend: str = "auto", deepspeed: dict | None = None) -> Accelerator:
-    """The Accelerator of `layout`; `deepspeed`: the DeepSpeed JSON (`zero.deepspeed_config`) of a
-    zero1-3 layout."""
+def build_accelerator(layout: Layout, backend: str = "auto", zero: ZeroSettings | None = None) -> Accelerator:
+    """The Accelerator of `layout` over a `backend` (parallel.backend) group; `zero`: what a zero1-3
+    layout's DeepSpeed JSON needs beyond the layout."""
     # Accelerate keeps its settings in a process-wide singleton that refuses a second
     # Accelerator with another precision; each run (tests, notebooks) starts from its own
     # settings. The process group (PartialState) is kept.
@@ -77,8 +78,6 @@ def build_accelerator(layout: Layout, backend: str = "auto", deepspeed: dict | N
     if launched_processes() > 1:  # naming a backend makes Accelerate start a process group
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT))
     if layout.deepspeed:
-        from .zero import deepspeed_plugin
-
         if on_cpu and torch.cuda.is_available():  # Accelerate drops the DeepSpeed plugin when told cpu=True
             raise StrategyError(
                 f"parallel.strategy={layout.strategy} cannot take the gloo fallback on a node with GPUs "
@@ -87,7 +86,8 @@ def build_accelerator(layout: Layout, backend: str = "auto", deepspeed: dict | N
             )
         _single_process_rendezvous()
         # bf16 is in the DeepSpeed config; Accelerate reads the precision from the plugin.
-        return Accelerator(deepspeed_plugin=deepspeed_plugin(deepspeed, on_cpu), kwargs_handlers=handlers)
+        plugin = deepspeed_plugin(deepspeed_config(layout, zero or ZeroSettings()), on_cpu)
+        return Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers)
     # On the CPU, Accelerate only treats a launch as distributed (MULTI_CPU) when told cpu=True.
     return Accelerator(cpu=on_cpu, mixed_precision="bf16" if layout.autocast else "no", kwargs_handlers=handlers)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -16,18 +17,26 @@ from accelerate.utils import DistributedType
 from ..layout import Layout
 
 
-def deepspeed_config(layout: Layout, micro_batch: int, clip_grad: float | None, width: int) -> dict:
-    """The DeepSpeed JSON of a zero1-3 `layout` for `micro_batch` images per process, the gradient
-    clipping of optim.clip_grad, and a model of `width` channels (the optimizer stays torch AdamW,
-    so no fused op is JIT-built)."""
-    bucket = zero_bucket_elements(width)
+@dataclass(frozen=True)
+class ZeroSettings:
+    """What the DeepSpeed JSON needs beyond the Layout."""
+
+    micro_batch: int = 1  # images per process per micro-batch (data.batch_size)
+    clip_grad: float | None = None  # optim.clip_grad
+    width: int = 1024  # the encoder's width, which sizes the buckets
+
+
+def deepspeed_config(layout: Layout, settings: ZeroSettings) -> dict:
+    """The DeepSpeed JSON of a zero1-3 `layout` (the optimizer stays torch AdamW, so no fused op is
+    JIT-built)."""
+    bucket = zero_bucket_elements(settings.width)
     return {
-        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_micro_batch_size_per_gpu": settings.micro_batch,
         # maescale feeds the micro-batches and scales the loss itself (train.accum_iter), and
         # marks the last one of a step (no_gradient_sync); DeepSpeed must not scale again.
         "gradient_accumulation_steps": 1,
         # DeepSpeed clips at 1.0 unless told otherwise; 0 disables clipping.
-        "gradient_clipping": clip_grad or 0.0,
+        "gradient_clipping": settings.clip_grad or 0.0,
         "zero_optimization": {
             "stage": layout.zero_stage,
             # Partition every parameter, small ones included, so ZeRO-3 really shards (and is testable).
