@@ -1,9 +1,9 @@
 """The Slurm scripts on a real single-node Slurm cluster (slurmctld + slurmd + munge, started here).
 
-The real `slurm/pretrain_vitb.sh` is submitted with the nodes/GPUs overridden on the sbatch
-command line to fit this machine (1 node, 2 CPU processes over gloo) and a tiny model. The
-jobs request one CPU each so that two can run at once; a job of the `urgent` partition that
-needs both CPUs preempts them.
+The real `slurm/pretrain_vitb.sh` (a header around the body `slurm/pretrain.sh`) is submitted with
+the nodes/GPUs overridden on the sbatch command line to fit this machine (1 node, 2 CPU processes
+over gloo) and a tiny model. The jobs request one CPU each so that two can run at once; a job of
+the `urgent` partition that needs both CPUs preempts them.
 """
 
 import csv
@@ -172,16 +172,20 @@ def test_baseline_job_writes_checkpoints_metrics_and_log(baseline):
     returncode, run, log_file = baseline()
     assert returncode == 0
     log = log_file.read_text(errors="replace")
+    # output_dir and data.num_workers on the command line win over the body's defaults
+    body = [line for line in log.splitlines() if line.startswith("[maescale slurm")]
+    assert not [line for line in body if "run folder:" in line or "CPUs per node" in line], body
     assert "1 node(s) x 2 process(es)" in log and "ddp: replicate 2, fp32 on 2 process(es) (cpu, gloo)" in log
     assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))
     steps = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert steps[-1] == f"step_{STEPS:08d}"
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["derived"]["world_size"] == 2 and config["model"]["name"] == "mae_vit_micro_patch4"
+    assert config["output_dir"] == str(run) and config["data"]["num_workers"] == 0
 
 
 def test_sweep_submits_one_job_per_point_and_summarizes(cluster, tmp_path):
-    """A two-point sweep (1 and 2 processes) through `python -m launchers.sweep`, then its table and plot."""
+    """A two-point sweep (1 and 2 processes) through `python -m slurm.sweep`, then its table and plot."""
     sweep = {
         "name": "test-sweep", "output_root": str(tmp_path / "sweep"), "models": ["vitb"], "nodes": [1],
         "procs_per_node": [1, 2], "strategies": ["ddp"], "mask_ratios": [0.75], "batch_per_gpu": [8],
@@ -191,7 +195,7 @@ def test_sweep_submits_one_job_per_point_and_summarizes(cluster, tmp_path):
     }
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(sweep))
-    command = [sys.executable, "-m", "launchers.sweep"]
+    command = [sys.executable, "-m", "slurm.sweep"]
     submitted = subprocess.run([*command, "submit", str(sweep_file)], cwd=REPO, env=cluster.env(job_env()),
                                capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
@@ -216,3 +220,49 @@ def test_sweep_submits_one_job_per_point_and_summarizes(cluster, tmp_path):
         assert float(row["step_time_ms"]) == pytest.approx(1000 * 8 * int(row["gpus"]) / float(row["images_per_sec"]))
     assert "| mae_vit_micro_patch4 | ddp | 1 | 2 |" in (tmp_path / "sweep" / "summary.md").read_text()
     assert (tmp_path / "sweep" / "scaling.png").stat().st_size > 10_000
+
+
+# Short jobs that leave output_dir and data.num_workers to the body (the recipe says 10 workers).
+SHORT = [t for t in TRAIN if not t.startswith(("data.num_workers", "train.max_steps", "checkpoint."))] + [
+    "train.max_steps=2", "checkpoint.every_steps=2"]
+
+
+def test_environment_hook_makes_the_environment_of_a_clean_job(cluster, tmp_path):
+    """`sbatch --export=MAESCALE_ENV_SETUP=FILE`: the job starts with nothing of this shell's
+    environment but the hook's path; the hook, sourced by the batch shell and on the node, sets
+    what the job needs. Its run folder defaults to $SCRATCH/maescale/<job name> (SCRATCH set by the
+    hook), its loader workers to --cpus-per-task / processes - 1."""
+    marker, scratch = tmp_path / "sourced", tmp_path / "scratch"
+    hook = tmp_path / "env.sh"
+    exports = {**job_env(), "MAESCALE_PROCS_PER_NODE": "1", "SCRATCH": str(scratch)}
+    hook.write_text("".join(f"export {key}='{value}'\n" for key, value in exports.items())
+                    + f'echo "${{SLURM_STEP_ID:-batch}} $SLURM_JOB_ID" >> {marker}\n')
+    name = f"maescale-hook-{os.getpid()}"
+    job_id = cluster.submit("--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", f"--job-name={name}",
+                            f"--output={tmp_path}/job.log", f"--export=MAESCALE_ENV_SETUP={hook}",
+                            "slurm/pretrain_vitb.sh", *SHORT, cwd=REPO)
+    info = cluster.wait_finished(job_id, JOB_TIMEOUT)
+    log = (tmp_path / "job.log").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    # sourced twice: by the batch shell, then by the node's task of the one srun step
+    assert sorted(marker.read_text().splitlines()) == [f"0 {job_id}", f"batch {job_id}"]
+    run = scratch / "maescale" / name
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["output_dir"] == str(run) and config["derived"]["world_size"] == 1
+    assert config["data"]["num_workers"] == 1  # 2 CPUs / 1 process - 1
+    assert f"run folder: {run}" in log and "data.num_workers=1: 2 CPUs per node / 1 process(es)" in log
+    assert (run / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_output_root_and_at_least_one_loader_worker(cluster, tmp_path):
+    """MAESCALE_OUTPUT_ROOT wins over SCRATCH; 2 CPUs for 2 processes still leave one loader worker each."""
+    env = {**job_env(), "MAESCALE_OUTPUT_ROOT": str(tmp_path / "runs"), "SCRATCH": str(tmp_path / "scratch")}
+    name = f"maescale-root-{os.getpid()}"
+    job_id = cluster.submit("--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", f"--job-name={name}",
+                            f"--output={tmp_path}/job.log", "slurm/pretrain_vitb.sh", *SHORT, env=env, cwd=REPO)
+    info = cluster.wait_finished(job_id, JOB_TIMEOUT)
+    log = (tmp_path / "job.log").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    config = yaml.safe_load((tmp_path / "runs" / name / "config.yaml").read_text())
+    assert config["derived"]["world_size"] == 2 and config["data"]["num_workers"] == 1
+    assert not (tmp_path / "scratch").exists()

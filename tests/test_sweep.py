@@ -2,6 +2,7 @@
 and the steady-state arithmetic of `summarize` on run folders written here."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +11,14 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `launchers` is a folder of the repository, not an installed package
+sys.path.insert(0, str(REPO))  # `slurm` is a folder of the repository, not an installed package
 
-from launchers.sweep import load_sweep, summarize  # noqa: E402
+from maescale.layout import STRATEGIES  # noqa: E402
+from slurm.sweep import load_sweep, summarize  # noqa: E402
 
 
 def sweep_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launchers.sweep", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "slurm.sweep", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
 
 
@@ -33,17 +35,45 @@ def test_dry_run_prints_one_sbatch_command_per_point_and_submits_nothing(tmp_pat
     assert len(lines) == points
     vith_hsdp_8 = next(line for line in lines if "--job-name=scaling-vith-n8-hsdp-m0.75-b64" in line)
     for part in ["sbatch --parsable", "--nodes=8", "--time=00:30:00", "slurm/pretrain_vith.sh",
-                 "parallel.strategy=fsdp2", "parallel.replicate_degree=8", "train.max_steps=60", "data.batch_size=64",
+                 "parallel.strategy=hsdp", "train.max_steps=60", "data.batch_size=64",
                  "data.kind=synthetic", f"output_dir={tmp_path / 'runs' / 'vith-n8-hsdp-m0.75-b64'}"]:
         assert part in vith_hsdp_8
+    # hsdp replicates across the nodes by itself (parallel.replicate_degree null = the node count)
+    assert "replicate_degree" not in result.stdout
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_every_strategy_of_the_layout_is_a_sweep_strategy(tmp_path, strategy):
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"strategies": [strategy], "output_root": str(tmp_path)}))
+    (point,) = load_sweep(sweep_file).points()
+    assert f"parallel.strategy={strategy}" in point.overrides()
+
+
+def test_output_root_defaults_to_the_scratch_folder_of_the_batch_scripts(tmp_path, monkeypatch):
+    """Like slurm/pretrain.sh: $MAESCALE_OUTPUT_ROOT, else $SCRATCH/maescale, else ~/scratch/maescale."""
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "grid"}))
+    monkeypatch.delenv("MAESCALE_OUTPUT_ROOT", raising=False)
+    monkeypatch.delenv("SCRATCH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_sweep(sweep_file).root == tmp_path / "home" / "scratch" / "maescale" / "grid"
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    assert load_sweep(sweep_file).root == tmp_path / "scratch" / "maescale" / "grid"
+    monkeypatch.setenv("MAESCALE_OUTPUT_ROOT", str(tmp_path / "out"))
+    assert load_sweep(sweep_file).root == tmp_path / "out" / "grid"
+    sweep_file.write_text(yaml.safe_dump({"output_root": "$SCRATCH/sweeps/grid"}))
+    assert load_sweep(sweep_file).points()[0].run_dir.parent == tmp_path / "scratch" / "sweeps" / "grid"
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"strategy": ["ddp"]}, "unknown key 'strategy'"),
-        ({"strategies": ["zero4"]}, "unknown strategy 'zero4'"),
+        ({"strategies": ["zero4"]}, "unknown strategy 'zero4'; valid: " + ", ".join(STRATEGIES)),
+        ({"strategies": ["deepspeed"]}, "unknown strategy 'deepspeed'; valid: " + ", ".join(STRATEGIES)),
+        ({"output_root": "$MAESCALE_UNSET_VARIABLE/runs"}, "a variable in it is not set"),
         ({"models": ["vitg"]}, "no batch script slurm/pretrain_vitg.sh"),
         ({"nodes": 4}, "nodes must be a list"),
         ({"warmup_steps": 60}, "warmup_steps must be in [0, steps)"),
@@ -52,7 +82,7 @@ def test_dry_run_prints_one_sbatch_command_per_point_and_submits_nothing(tmp_pat
 def test_sweep_file_errors_name_the_key(tmp_path, change, message):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({"steps": 60, **change}))
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_sweep(sweep_file)
     result = sweep_cli("submit", str(sweep_file), "--dry-run")
     assert result.returncode == 2 and message in result.stderr

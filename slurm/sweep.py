@@ -1,11 +1,12 @@
 """Scaling experiments on Slurm: one job per point of a grid, then one table and one plot.
 
-    python -m launchers.sweep submit configs/sweeps/scaling.yaml [--dry-run]
-    python -m launchers.sweep summarize configs/sweeps/scaling.yaml
+    python -m slurm.sweep submit configs/sweeps/scaling.yaml [--dry-run]
+    python -m slurm.sweep summarize configs/sweeps/scaling.yaml
 
 `submit` runs `sbatch slurm/pretrain_<model>.sh` once per point (model x nodes x strategy x
 mask ratio x per-GPU batch) with the point's overrides and its own run folder
-(<output_root>/<point>/, holding point.yaml, the Slurm log and what the trainer writes);
+(<output_root>/<point>/, holding point.yaml, the Slurm log and what the trainer writes;
+output_root defaults to the batch scripts' scratch folder, $SCRATCH/maescale/<sweep name>);
 `--dry-run` prints the sbatch commands instead. Each job is an ordinary short training
 run: the trainer logs images/s, peak memory and MFU to metrics.jsonl every `log_every`
 steps. `summarize` reads the run folders, drops the first `warmup_steps` steps (start-up,
@@ -20,6 +21,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -29,19 +31,10 @@ from typing import Any
 
 import yaml
 
+from maescale.layout import STRATEGIES
+
 REPO = Path(__file__).resolve().parents[1]
 POINT_FILE = "point.yaml"
-
-# How each strategy name of a sweep maps onto maescale config keys. `hsdp` shards inside a
-# node and replicates across nodes (parallel.replicate_degree = number of nodes).
-STRATEGY_OVERRIDES = {
-    "ddp": ["parallel.strategy=ddp"],
-    "fsdp2": ["parallel.strategy=fsdp2"],
-    "hsdp": ["parallel.strategy=fsdp2", "parallel.replicate_degree={nodes}"],
-    "zero1": ["parallel.strategy=deepspeed", "parallel.zero_stage=1"],
-    "zero2": ["parallel.strategy=deepspeed", "parallel.zero_stage=2"],
-    "zero3": ["parallel.strategy=deepspeed", "parallel.zero_stage=3"],
-}
 
 
 @dataclass
@@ -49,11 +42,15 @@ class Sweep:
     """A sweep file's keys (every list is one axis of the grid)."""
 
     name: str = "scaling"  # job name prefix
-    output_root: str = "runs/scaling"  # one run folder per point below this
+    # One run folder per point below this ($VARIABLES and ~ expanded). Default: where the batch
+    # scripts put runs, <$MAESCALE_OUTPUT_ROOT or $SCRATCH/maescale or ~/scratch/maescale>/<name>.
+    output_root: str | None = None
     models: list = field(default_factory=lambda: ["vitb"])  # slurm/pretrain_<model>.sh
     nodes: list = field(default_factory=lambda: [1])
     procs_per_node: list = field(default_factory=lambda: [None])  # None: one per allocated GPU
-    strategies: list = field(default_factory=lambda: ["ddp"])  # keys of STRATEGY_OVERRIDES
+    # parallel.strategy of each point: names of maescale.layout.STRATEGIES (hsdp replicates
+    # across the nodes: parallel.replicate_degree null is the node count)
+    strategies: list = field(default_factory=lambda: ["ddp"])
     mask_ratios: list = field(default_factory=lambda: [0.75])
     batch_per_gpu: list = field(default_factory=lambda: [64])  # data.batch_size
     steps: int = 60  # optimizer steps per job
@@ -62,6 +59,18 @@ class Sweep:
     overrides: list = field(default_factory=list)  # key=value for every point
     sbatch: list = field(default_factory=list)  # extra sbatch options for every job
     env: dict = field(default_factory=dict)  # environment of every job (e.g. MAESCALE_DEVICE: cpu)
+
+    @property
+    def root(self) -> Path:
+        """The folder of the run folders (see output_root)."""
+        if self.output_root is not None:
+            root = os.path.expanduser(os.path.expandvars(self.output_root))
+            if "$" in root:
+                raise ValueError(f"output_root {self.output_root!r}: a variable in it is not set")
+            return Path(root).resolve()
+        # The run folders' default of slurm/pretrain.sh, so that checkpoints leave the checkout.
+        scratch = os.environ.get("SCRATCH") or os.path.expanduser("~/scratch")
+        return Path(os.environ.get("MAESCALE_OUTPUT_ROOT") or os.path.join(scratch, "maescale")).resolve() / self.name
 
     def points(self) -> list[Point]:
         axes = itertools.product(
@@ -87,16 +96,15 @@ class Point:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.sweep.output_root).resolve() / self.label
+        return self.sweep.root / self.label
 
     def overrides(self) -> list[str]:
         s = self.sweep
-        strategy = [o.format(nodes=self.nodes) for o in STRATEGY_OVERRIDES[self.strategy]]
         return [
-            f"output_dir={self.run_dir}", f"model.mask_ratio={self.mask_ratio}",
+            f"output_dir={self.run_dir}", f"parallel.strategy={self.strategy}", f"model.mask_ratio={self.mask_ratio}",
             f"data.batch_size={self.batch_per_gpu}",
             f"train.max_steps={s.steps}", f"train.log_every={s.log_every}", "checkpoint.resume=none",
-            f"checkpoint.every_steps={s.steps}", "train.figure_every=null", *strategy, *s.overrides,
+            f"checkpoint.every_steps={s.steps}", "train.figure_every=null", *s.overrides,
         ]
 
     def sbatch_command(self) -> list[str]:
@@ -129,12 +137,16 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ValueError(f"{path}: unknown key {key!r}; valid keys: {', '.join(known)}")
     sweep = Sweep(**tree)
     for key, f in known.items():
-        expected = {"list": list, "dict": dict, "int": int, "str": str}[f.type]
+        expected = {"list": list, "dict": dict, "int": int, "str": str, "str | None": (str, type(None))}[f.type]
         if not isinstance(getattr(sweep, key), expected):
             raise ValueError(f"{path}: {key} must be a {f.type}, got {getattr(sweep, key)!r}")
+    try:
+        _ = sweep.root  # an unset variable in output_root fails here, before anything is submitted
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     for strategy in sweep.strategies:
-        if strategy not in STRATEGY_OVERRIDES:
-            raise ValueError(f"{path}: unknown strategy {strategy!r}; known: {', '.join(STRATEGY_OVERRIDES)}")
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
+            raise ValueError(f"{path}: unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     for model in sweep.models:
         if not (REPO / "slurm" / f"pretrain_{model}.sh").is_file():
             raise ValueError(f"{path}: no batch script slurm/pretrain_{model}.sh for model {model!r}")
@@ -219,10 +231,10 @@ def _series_key(row: dict) -> tuple:
 
 
 def summarize(sweep: Sweep) -> dict[str, Path]:
-    root = Path(sweep.output_root).resolve()
+    root = sweep.root
     rows = [measure_run(p.run_dir, sweep.warmup_steps) for p in sweep.points() if (p.run_dir / POINT_FILE).exists()]
     if not rows:
-        raise ValueError(f"no submitted runs under {root}: run `python -m launchers.sweep submit` first")
+        raise ValueError(f"no submitted runs under {root}: run `python -m slurm.sweep submit` first")
     add_efficiency(rows)
     rows.sort(key=lambda r: (*_series_key(r), r["nodes"]))
     paths = {"csv": root / "summary.csv", "md": root / "summary.md", "png": root / "scaling.png"}
@@ -293,7 +305,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launchers.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m slurm.sweep", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("submit", help="sbatch one job per point of the sweep")
     p.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
