@@ -146,7 +146,7 @@ def build_torch_candidate(name: str, args, model_name: str, batch: int, images, 
     from maescale.data import Batch
     from maescale.train import train_step
 
-    cfg = config(args, model_name, batch, name)
+    cfg = config(args, model_name, batch, "ddp" if name == "plain" else name)  # plain: one process, whole
     if name == "fsdp2":
         model = parallel.build_model(lambda: fresh_model(model_name), layout_of(cfg), cfg.parallel, accelerator)
     else:
@@ -201,11 +201,6 @@ def build_candidates(args, model_name: str, batch: int, accelerator) -> list[Can
     for name in names:
         if name in STRATEGIES and Layout(name).deepspeed:
             candidates.append(build_zero_candidate(Layout(name).zero_stage, args, model_name, batch, images, noise))
-        elif name == "plain":
-            model = fresh_model(model_name)
-            optimizer = build_optimizer(model, config(args, model_name, batch, "ddp").optim, 1e-4)
-            candidates.append(Candidate(name, model, **torch_step(model, optimizer, images, noise,
-                                                                   parallel.clip_grad_norm, args.clip)))
         else:
             candidates.append(build_torch_candidate(name, args, model_name, batch, images, noise, accelerator))
     return candidates

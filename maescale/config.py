@@ -185,14 +185,14 @@ class ParallelConfig:
     blocks_per_unit: int = opt(
         4,
         "fsdp2/hsdp: encoder blocks sharded together as one unit (one all-gather and one reduce-scatter per "
-        "step each); fewer units cost less host time per step (docs/BENCHMARKS.md), each holds that many "
+        "step each); fewer units cost less host time per step (docs/ARCHIVE.md), each holds that many "
         "gathered blocks at a time."
     )
     reshard_after_forward: bool = opt(
         False,
         "fsdp2/hsdp: true frees the encoder's gathered weights after forward and gathers them again in backward "
         "(least memory, for models whose bf16 weights do not fit beside the activations); false keeps them "
-        "until backward (one all-gather per unit per step instead of two, measured faster in docs/BENCHMARKS.md)."
+        "until backward (one all-gather per unit per step instead of two, measured faster: docs/ARCHIVE.md)."
     )
 
 

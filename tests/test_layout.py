@@ -72,7 +72,7 @@ def test_every_strategy_name_lives_in_one_module():
     """No second list of the names: a literal naming most of them outside maescale/layout.py."""
     pattern = re.compile(r"""["'](ddp|fsdp2|hsdp|zero[123])["']""")
     offenders = []
-    for folder in ("maescale", "slurm", "launchers", "benchmarks"):
+    for folder in ("maescale", "slurm", "benchmarks"):
         for path in (REPO / folder).rglob("*.py"):
             if path.name == "layout.py":
                 continue
