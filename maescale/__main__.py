@@ -84,7 +84,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"finished at step {summary['step']}; checkpoint: {summary['checkpoint']}; figure: {summary['figure']}")
     if summary["stopped_by"]:
         print(f"stopped by {summary['stopped_by']}: run the same command again to resume")
-        return 128 + signal.Signals[summary["stopped_by"]].value  # 130 SIGINT, 143 SIGTERM, 138 SIGUSR1
+        return _stop_exit_code(summary["stopped_by"])
     return 0
 
 
@@ -131,8 +131,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate.linprobe import linprobe
 
     protocols = {"linprobe": linprobe, "knn": knn, "finetune": finetune}
-    protocols[args.command](cfg)
-    return 0
+    result = protocols[args.command](cfg)
+    return _stop_exit_code(result.get("stopped_by")) if isinstance(result, dict) else 0
+
+
+def _stop_exit_code(signal_name: str | None) -> int:
+    """0, or 128 + the signal that stopped a run after its checkpoint (130 SIGINT, 143 SIGTERM, 138 SIGUSR1):
+    what the Slurm scripts read to requeue."""
+    return 128 + signal.Signals[signal_name].value if signal_name else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -60,6 +60,7 @@ ZERO_INDEX = "index.json"  # in ZERO_FOLDER, written with the parameter files
 ZERO_TENSORS = ".safetensors"  # ZERO_FOLDER/<parameter name>.safetensors: zero_tensor_file
 MASTER_WEIGHT = "fp32"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's state names
+RESUME_FLAG = "checkpoint.resume"  # how pretraining names the checkpoint it reads
 # Restored from the checkpoint like torch's Optimizer.load_state_dict does (lr is set every step).
 ADAM_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
 
@@ -94,9 +95,10 @@ def remove_partials(root: Path) -> None:
 
 def save(
     model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict, root: Path, step: int, keep_last: int,
-    accelerator: Accelerator,
+    accelerator: Accelerator, extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Collectively write model + optimizer and the train state (formats: the module docstring)."""
+    """Collectively write model + optimizer, `extra` tensors (e.g. an EMA of the weights, sharded like
+    them) and the train state (formats: the module docstring)."""
     is_main = _rank() == 0
     final = root / step_name(step)
     partial = root / (PARTIAL_PREFIX + step_name(step))
@@ -108,7 +110,7 @@ def save(
         if is_deepspeed(accelerator):
             _save_zero(model, partial)
         else:
-            dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(partial))
+            dcp.save({**_state_dicts(model, optimizer), **_extra(extra)}, checkpoint_id=str(partial))
         if is_main:
             written_by = {"world_size": accelerator.num_processes, "deepspeed": is_deepspeed(accelerator)}
             (partial / TRAIN_STATE).write_text(json.dumps({**train_state, "written_by": written_by}))
@@ -130,8 +132,10 @@ def save(
     return final
 
 
-def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, accelerator: Accelerator) -> dict:
-    """Load model + optimizer into the (possibly sharded) objects; return the train state."""
+def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, accelerator: Accelerator,
+         extra: dict[str, torch.Tensor] | None = None) -> dict:
+    """Load model + optimizer (and `extra`, in place) into the (possibly sharded) objects; return the
+    train state."""
     _require_checkpoint(path)
     if is_deepspeed_checkpoint(path) != is_deepspeed(accelerator):
         raise CheckpointError(f"{path} was written {'with' if is_deepspeed_checkpoint(path) else 'without'} DeepSpeed; "
@@ -141,7 +145,7 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, acceler
         if is_deepspeed(accelerator):
             _load_zero(model, path)
         else:
-            state = _state_dicts(model, optimizer)
+            state = {**_state_dicts(model, optimizer), **_extra(extra)}
             _require_same_shapes(path, _dcp_shapes(path), _shapes(state["model"]))
             dcp.load(state, checkpoint_id=str(path))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -182,14 +186,15 @@ def _dcp_shapes(path: Path) -> dict[str, tuple]:
 
 
 @contextmanager
-def _damaged_checkpoint_error(path: Path):
-    """Turn a library's failure to read a checkpoint into one clear error with the way out."""
+def _damaged_checkpoint_error(path: Path, flag: str = RESUME_FLAG):
+    """Turn a library's failure to read a checkpoint into one clear error with the way out, in the
+    words of `flag`, the command's key or option that named the checkpoint."""
     try:
         yield
     except CheckpointError:
         raise
     except LIBRARY_ERRORS as error:  # unpickling, truncated files, size mismatches deep in DeepSpeed
-        raise CheckpointError(f"{path} cannot be loaded ({_error_summary(error)}); {_way_out(path)}") from error
+        raise CheckpointError(f"{path} cannot be loaded ({_error_summary(error)}); {_way_out(path, flag)}") from error
 
 
 def _error_summary(error: Exception) -> str:
@@ -199,21 +204,28 @@ def _error_summary(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _way_out(path: Path) -> str:
+def _way_out(path: Path, flag: str = RESUME_FLAG) -> str:
     earlier = [p for _, p in complete_checkpoints(path.parent) if p.name < path.name]
+    if flag != RESUME_FLAG:  # a command that only reads the weights: another checkpoint is the way out
+        if earlier:
+            separator = " " if flag.startswith("--") else "="  # an option (--ckpt) or a config key (encoder.ckpt)
+            return f"read the previous one with {flag}{separator}{earlier[-1]}"
+        return f"there is no earlier one in {path.parent}: point {flag} at another checkpoint"
     if earlier:
         return f"resume from the previous one with checkpoint.resume={earlier[-1]}, or delete {path}"
     return f"there is no earlier one: delete {path} or set checkpoint.resume=none to start over"
 
 
-def load_model_weights(model: nn.Module, path: Path) -> nn.Module:
-    """Load only the weights of a checkpoint into a plain, unsharded model (one process)."""
+def load_model_weights(model: nn.Module, path: Path, flag: str = RESUME_FLAG) -> nn.Module:
+    """Load only the weights of a checkpoint into a plain, unsharded model (one process); `flag` is
+    the command's key or option that named `path` (knn: encoder.ckpt, export: --ckpt), for the way
+    out of a damaged checkpoint."""
     _require_checkpoint(path)
     if is_deepspeed_checkpoint(path):
-        with _damaged_checkpoint_error(path):
-            return _load_zero_weights(model, path)
+        with _damaged_checkpoint_error(path, flag):
+            return _load_zero_weights(model, path, flag)
     state = {"model": model.state_dict()}
-    with _damaged_checkpoint_error(path):
+    with _damaged_checkpoint_error(path, flag):
         _require_same_shapes(path, _dcp_shapes(path), _shapes(state["model"]))
         dcp.load(state, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict(state["model"], strict=True)
@@ -291,9 +303,9 @@ def _load_zero(engine, path: Path) -> None:
                     safe_set_full_optimizer_state(param, tensors.get_tensor(key), key)
 
 
-def _load_zero_weights(model: nn.Module, path: Path) -> nn.Module:
+def _load_zero_weights(model: nn.Module, path: Path, flag: str) -> nn.Module:
     trainable = _trainable_parameters(model)
-    _require_same_shapes(path, _read_zero_index(path)["parameters"], _shapes(dict(trainable)))
+    _require_same_shapes(path, _read_zero_index(path, flag)["parameters"], _shapes(dict(trainable)))
     with torch.no_grad():
         for name, param in trainable:
             with safe_open(str(zero_tensor_file(path, name)), framework="pt") as tensors:
@@ -301,14 +313,14 @@ def _load_zero_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-def _read_zero_index(path: Path) -> dict:
+def _read_zero_index(path: Path, flag: str = RESUME_FLAG) -> dict:
     try:
         index = json.loads(zero_index_file(path).read_text())
         int(index["adam_step"]), dict(index["parameters"]), list(index["param_groups"])
         return index
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{zero_index_file(path)} is missing or damaged ({error}); "
-                              f"{_way_out(path)}") from error
+                              f"{_way_out(path, flag)}") from error
 
 
 def zero_tensor_file(path: Path, name: str) -> Path:
@@ -400,6 +412,10 @@ def _require_checkpoint(path: Path) -> None:
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd}
+
+
+def _extra(extra: dict[str, torch.Tensor] | None) -> dict:
+    return {"extra": extra} if extra else {}
 
 
 def _rank() -> int:

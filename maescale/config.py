@@ -76,7 +76,11 @@ class DataConfig:
         "as 1)."
     )
     synthetic_size: int = opt(20000, "Number of images of the synthetic dataset.")
-    crop_min_scale: float = opt(0.2, "Lower area bound of RandomResizedCrop (paper: 0.2).")
+    crop_min_scale: float = opt(
+        0.2,
+        "Lower area bound of RandomResizedCrop (paper: 0.2 for pretraining, 0.08 for fine-tuning and linear probing, "
+        "the default of the evaluation commands).",
+    )
     mean: Optional[list[float]] = opt(
         None,
         "Per-channel mean the images are normalised with, one value per model.in_chans, in the units of the loaded "
@@ -125,7 +129,11 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (schedule still spans `epochs`).")
+    max_steps: Optional[int] = opt(
+        None,
+        "Stop after this many optimizer steps (schedule still spans `epochs`); 0 writes only the step-0 checkpoint, "
+        "the model's random initialisation (a baseline for the evaluation commands).",
+    )
     accum_iter: int = opt(1, "Micro-batches accumulated per optimizer step.")
     precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 runs the forward under bf16 autocast.")
     compile: bool = opt(False, "torch.compile the model.")
@@ -241,6 +249,11 @@ class MonitorConfig(KnnConfig):
     val_split: str = opt("val", "Split classified by its neighbours in the bank (e.g. val, or test for CIFAR-10).")
     bank_images: int = opt(5000, "Evenly spaced images of bank_split encoded at each check.")
     val_images: int = opt(1000, "Evenly spaced images of val_split classified at each check.")
+    allow_same_images: bool = opt(
+        False,
+        "Check even when bank_split and val_split read the same images (e.g. a data.path without split folders): "
+        "the kNN accuracy is then measured on bank images.",
+    )
     pool: Pool = pool_option()
 
 
@@ -480,7 +493,10 @@ def validate(cfg: Config) -> None:
                 0 <= cfg.schedule.warmup_epochs <= cfg.schedule.epochs,
                 "schedule.warmup_epochs must be in [0, schedule.epochs]",
             ),
-            (cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps must be positive or null"),
+            (
+                cfg.train.max_steps is None or cfg.train.max_steps >= 0,
+                "train.max_steps must be >= 0 or null (0 writes the step-0 checkpoint: the random initialisation)",
+            ),
             (cfg.train.accum_iter > 0, "train.accum_iter must be positive"),
             (cfg.train.log_every > 0, "train.log_every must be positive"),
             (

@@ -36,7 +36,10 @@ class LoaderBuilder(Protocol):
     after the config checks (the kind's own included). ``train`` chooses augmentation and shuffling
     (``False``: center crops in order, as evaluation, the kNN monitor and the figures read them),
     ``split`` the images ("train", "val", ...), ``eval_subset`` (eval mode) how many evenly spaced
-    images of the split; batches hold ``data_cfg.batch_size`` images of [in_chans, *img_size]."""
+    images of the split; batches hold ``data_cfg.batch_size`` images of [in_chans, *img_size]. A builder
+    with an ``augment`` parameter is handed fine-tuning's RandAugment and random erasing settings
+    (``maescale.data.finetune_augment.FinetuneAugment``) when they are on; without one, fine-tuning
+    with them on is refused for the kind."""
 
     def __call__(
         self, data_cfg: Any, *, img_size: int | Sequence[int], in_chans: int, seed: int, rank: int,

@@ -53,10 +53,13 @@ def run_config_of(ckpt: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def load_run_model(ckpt: Path, config: str | None = None, overrides=()) -> tuple[Config, nn.Module]:
-    """Build the run's model (from its config.yaml unless `config` is given) with the checkpoint's weights."""
+def load_run_model(
+    ckpt: Path, config: str | None = None, overrides=(), flag: str = "--ckpt"
+) -> tuple[Config, nn.Module]:
+    """Build the run's model (from its config.yaml unless `config` is given) with the checkpoint's weights;
+    `flag` names the checkpoint in the calling command's words (export and visualize: --ckpt)."""
     cfg = load_config(config or run_config_of(ckpt), overrides)
-    model = load_model_weights(build_model(**asdict(cfg.model)), ckpt)
+    model = load_model_weights(build_model(**asdict(cfg.model)), ckpt, flag)
     return cfg, model.eval()
 
 
@@ -158,7 +161,7 @@ def load_weights_file(path: str | Path, model_name: str | None) -> MaskedAutoenc
             f"{path}: the file does not name its model; set encoder.model (e.g. mae_vit_base_patch16)"
         )
     model = build_model(**file_model_kwargs(name, metadata))
-    load_mae_state(model, state, str(path))
+    load_mae_state(model, state, str(path), "encoder.model")
     return model.eval()
 
 
@@ -173,7 +176,7 @@ def import_official(weights: str | Path, model_name: str, out_dir: str | Path, c
     """
     cfg = load_config(config, [f"output_dir={out_dir}", f"model.name={model_name}"])
     model = build_model(**asdict(cfg.model))
-    load_mae_state(model, read_state_dict(weights)[0], str(weights))
+    load_mae_state(model, read_state_dict(weights)[0], str(weights), "--model")
     return write_imported_run(cfg, model, Path(out_dir), weights)
 
 

@@ -23,11 +23,16 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step`: a resumed run re-logs them, identically."""
+    def truncate_after(self, step: int, protocol: str | None = None) -> None:
+        """Drop rows logged after `step` (of `protocol` only, when given): a resumed run re-logs them,
+        identically."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+
+        def kept_row(row: dict) -> bool:
+            return row["step"] <= step or (protocol is not None and row.get("protocol") != protocol)
+
+        kept = [line for line in self.path.read_text().splitlines() if line and kept_row(json.loads(line))]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, row: dict) -> None:

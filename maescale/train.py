@@ -133,7 +133,7 @@ def build_schedule(cfg: Config, loader: Loader, world_size: int) -> Schedule:
             f"train.accum_iter={cfg.train.accum_iter}: lower data.batch_size or train.accum_iter"
         )
     total = steps_per_epoch * cfg.schedule.epochs
-    last = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    last = total if cfg.train.max_steps is None else min(total, cfg.train.max_steps)
     return Schedule(steps_per_epoch, total, last, peak_lr(cfg, world_size), effective_batch(cfg, world_size))
 
 
@@ -324,6 +324,9 @@ class Trainer:
         else:
             self.metrics.truncate_after(0)  # a fresh start replaces rows of an earlier run
         cfg, s = self.cfg, self.schedule
+        if resume_from is None and s.last_step == 0:
+            # train.max_steps=0: the random baseline of exactly this model, readable like any checkpoint.
+            self.print(f"train.max_steps=0: the initialisation written as {self.save_checkpoint()}")
         self.print(
             f"{cfg.model.name}: {s.last_step} steps ({s.steps_per_epoch}/epoch), effective batch "
             f"{s.effective_batch}, lr {s.peak_lr:.3g} "

@@ -80,8 +80,11 @@ def strip_wrapper_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return cleaned
 
 
-def load_mae_state(model: MaskedAutoencoderViT, state: dict[str, Tensor], source: str) -> bool:
+def load_mae_state(
+    model: MaskedAutoencoderViT, state: dict[str, Tensor], source: str, model_flag: str | None = None
+) -> bool:
     """Load an encoder-only or full MAE state dict strictly; return whether it had the decoder.
+    `model_flag` is the calling command's key or option that chose the model, named when shapes differ.
 
     Every encoder key must be present; decoder keys must be all present or all absent (an
     encoder-only file leaves the decoder at its initialisation, with a warning). Anything
@@ -105,7 +108,8 @@ def load_mae_state(model: MaskedAutoencoderViT, state: dict[str, Tensor], source
         if v.shape != expected[k].shape
     ]
     if shapes:
-        raise WeightsMismatchError(f"{source}: shapes differ (wrong encoder.model?): {shapes[:4]}")
+        suspect = f"wrong {model_flag}?" if model_flag else "a model of another size?"
+        raise WeightsMismatchError(f"{source}: shapes differ ({suspect}): {shapes[:4]}")
     has_decoder = bool(present_decoder)
     if not has_decoder:
         state = {**state, **{k: expected[k] for k in decoder_keys}}

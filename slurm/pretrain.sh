@@ -1,7 +1,9 @@
 #!/bin/bash
-# The body of every Slurm pretraining job. slurm/pretrain_vit{b,l,h}.sh hold only their #SBATCH
-# header (sbatch reads the directives from the submitted file) and run this with their recipe:
+# The body of every Slurm job. slurm/pretrain_vit{b,l,h}.sh and slurm/finetune.sh hold only their
+# #SBATCH header (sbatch reads the directives from the submitted file) and run this with their recipe:
 #   source slurm/pretrain.sh RECIPE [--config FILE] [key=value ...]
+# The maescale command is `pretrain`, or the one MAESCALE_COMMAND names (slurm/finetune.sh:
+# `MAESCALE_COMMAND=finetune source slurm/pretrain.sh ...`); both checkpoint, stop and resume alike.
 # RECIPE is the default config (configs/pretrain/vit_*.yaml); a `--config FILE` of the user's
 # replaces it, and key=value overrides go to `maescale pretrain` as they are. Another model is
 # another wrapper: copy one, change its #SBATCH lines and its recipe.
@@ -125,7 +127,7 @@ maescale_run() {
   export PYTHONUNBUFFERED=1
 
   maescale_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s) x $procs process(es), main $head:$port, $config"
-  maescale_log "pretrain --config $recipe $* ${derived[*]}"
+  maescale_log "$maescale_command --config $recipe $* ${derived[*]}"
   maescale_stop_signal=
   trap 'maescale_on_signal USR1' USR1
   trap 'maescale_on_signal TERM' TERM
@@ -135,7 +137,7 @@ maescale_run() {
   # through SLURM_EXPORT_ENV and start the tasks with nothing.
   srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL \
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
-    bash slurm/node.sh pretrain --config "$recipe" "$@" "${derived[@]}" &
+    bash slurm/node.sh "$maescale_command" --config "$recipe" "$@" "${derived[@]}" &
   maescale_srun_pid=$!
   local rc=0
   maescale_wait_srun || rc=$?
@@ -150,6 +152,11 @@ maescale_run() {
 
 [ -n "${SLURM_JOB_ID:-}" ] || maescale_fail "run this script with sbatch (SLURM_JOB_ID is not set)"
 [ $# -ge 1 ] || maescale_fail "usage: slurm/pretrain.sh RECIPE [--config FILE] [key=value ...]"
+maescale_command=${MAESCALE_COMMAND:-pretrain}
+case $maescale_command in
+  pretrain|finetune) ;;
+  *) maescale_fail "MAESCALE_COMMAND=$maescale_command: the jobs run pretrain or finetune" ;;
+esac
 # The checkout this file is in (sbatch runs a copy of the wrapper, which found it through
 # MAESCALE_ROOT or the submission folder).
 MAESCALE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) \

@@ -266,3 +266,27 @@ def test_output_root_and_at_least_one_loader_worker(cluster, tmp_path):
     config = yaml.safe_load((tmp_path / "runs" / name / "config.yaml").read_text())
     assert config["derived"]["world_size"] == 2 and config["data"]["num_workers"] == 1
     assert not (tmp_path / "scratch").exists()
+
+
+FINETUNE = ["encoder.ckpt=null", "encoder.model=mae_vit_micro_patch4", "finetune.img_size=null", "data.kind=synthetic",
+            "data.synthetic_size=256", "data.batch_size=8", "data.num_workers=0", "finetune.epochs=10",
+            "finetune.warmup_epochs=1", "finetune.log_every=1", "checkpoint.every_steps=1000"]
+
+
+def test_finetune_job_requeues_at_the_warning_and_finishes(cluster, tmp_path):
+    """slurm/finetune.sh: the same body, `maescale finetune` instead of pretrain; USR1 checkpoints,
+    the job requeues itself and the requeued job resumes and writes the classifier."""
+    run = tmp_path / "finetune"
+    job_id = cluster.submit(*FIT_ONE_CPU_NODE, f"--output={run}.log", "slurm/finetune.sh", f"output_dir={run}",
+                            *FINETUNE, env=job_env(), cwd=REPO)
+    wait_running_at(cluster, job_id, run, step=4)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job_id))
+    wait_for(lambda: cluster.job(job_id).get("Restarts") == "1", f"job {job_id} to be requeued")
+    info = cluster.wait_finished(job_id, JOB_TIMEOUT)
+    log = job_log(run)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    stopped = re.findall(r"stopped by SIGUSR1 at step (\d+)", log)
+    assert len(stopped) == 1 and re.findall(r"resumed from \S+ at step (\d+)", log) == stopped, log[-3000:]
+    steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 320  # 10 epochs of 256 / 8
+    assert (run / "finetuned.safetensors").is_file()

@@ -3,6 +3,7 @@ ffcv, and any added with ``register_kind``), MAE augmentation, seeding."""
 
 from ..data_kinds import DataKind, Extra, LoaderBuilder, kind_names, register_kind
 from .base import Batch, Loader, PlannedLoader
+from .finetune_augment import FinetuneAugment
 from .folder import ImageFolderDataset
 from .loader import EpochLoader, build_loader, first_images
 from .seeding import Stream, derive_seed, sample_mask_seed, seeded_generator
@@ -17,6 +18,7 @@ __all__ = [
     "EpochLoader",
     "EvalTransform",
     "Extra",
+    "FinetuneAugment",
     "ImageFolderDataset",
     "Loader",
     "LoaderBuilder",

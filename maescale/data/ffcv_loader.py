@@ -43,11 +43,12 @@ from .base import Batch, PlannedLoader
 from .ffcv_compat import import_ffcv
 from .seeding import Stream, derive_seed, sample_mask_seed
 from .stats import IMAGENET_STATS, ChannelStats, channel_stats
+from .transforms import EVAL_CROP_PCT
 
 # MAE's RandomResizedCrop aspect ratios (width / height), as torchvision's default.
 CROP_RATIO = (3 / 4, 4 / 3)
-# Evaluation: resize to img_size / 0.875 and centre crop, i.e. crop 224/256 of the short side.
-EVAL_CROP_FRACTION = 224 / 256
+# Evaluation: the centre 0.875 of the short side (224/256), the rule of every kind's eval crop.
+EVAL_CROP_FRACTION = EVAL_CROP_PCT
 
 
 def beton_path(path: str, split: str) -> Path:
@@ -241,9 +242,15 @@ def refuse_unless_rgb_square(img_size: int | list[int], in_chans: int) -> int:
 
 def build_ffcv_loader(
     data_cfg: Any, *, img_size: int | list[int], in_chans: int = 3, seed: int, rank: int, world_size: int,
-    train: bool, split: str, eval_subset: int | None = None,
+    train: bool, split: str, eval_subset: int | None = None, augment: Any = None,
 ) -> FFCVEpochLoader:
     """The builder of ``data.kind=ffcv`` (maescale/data_kinds.py); ``data_cfg`` already checked."""
+    if augment is not None and augment.active:
+        # FFCV augments inside its compiled numba pipeline, with its own unseeded RNG.
+        raise ConfigError(
+            "data.kind=ffcv does not apply finetune.rand_augment_ops or finetune.random_erasing: set both to 0 "
+            "or use data.kind=folder"
+        )
     side = refuse_unless_rgb_square(img_size, in_chans)
     path = beton_path(data_cfg.path, split)
     loader = FFCVEpochLoader(

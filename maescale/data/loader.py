@@ -9,6 +9,7 @@ kind registered under ``data.kind`` (maescale/data_kinds.py).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from contextlib import closing
 from dataclasses import replace
@@ -19,12 +20,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import check_data
 from ..data_kinds import data_kind
+from ..errors import ConfigError
 from .base import Batch, Loader, PlannedLoader
+from .finetune_augment import FinetuneAugment
 from .folder import ImageFolderDataset
 from .seeding import Stream, augment_seed, mask_seed, sample_mask_seed, seeded_generator
 from .stats import channel_stats
 from .synthetic import SyntheticShapes
-from .transforms import EvalTransform, MAETrainTransform
+from .transforms import EvalTransform, FinetuneTrainTransform, MAETrainTransform
 
 # Batch and sample_mask_seed are imported from here by the benchmarks and tests.
 __all__ = ["Batch", "EpochLoader", "build_loader", "first_images", "sample_mask_seed"]
@@ -164,17 +167,23 @@ class EpochLoader(PlannedLoader):
 
 
 def _transform(
-    data_cfg: Any, img_size: int | Sequence[int], in_chans: int, train: bool
+    data_cfg: Any, img_size: int | Sequence[int], in_chans: int, train: bool, augment: FinetuneAugment | None
 ) -> Callable[..., torch.Tensor]:
     mean, std = channel_stats(data_cfg, in_chans)
     # Pictures stay uint8 and saturate by themselves; floats read from files keep whatever range they have.
     if not train:
         return EvalTransform(img_size, mean=mean, std=std, clip=False)
-    return MAETrainTransform(img_size, scale=(data_cfg.crop_min_scale, 1.0), mean=mean, std=std, clip=False)
+    kwargs = dict(scale=(data_cfg.crop_min_scale, 1.0), mean=mean, std=std, clip=False)
+    if augment is None or not augment.active:
+        return MAETrainTransform(img_size, **kwargs)
+    augment.check_channels(in_chans)
+    return FinetuneTrainTransform(img_size, augment, **kwargs)
 
 
 def _dataset_loader(data_cfg: Any, dataset: Dataset, source: str, **kwargs: Any) -> EpochLoader:
-    transform = _transform(data_cfg, kwargs.pop("img_size"), kwargs.pop("in_chans"), kwargs["train"])
+    transform = _transform(
+        data_cfg, kwargs.pop("img_size"), kwargs.pop("in_chans"), kwargs["train"], kwargs.pop("augment")
+    )
     loader = EpochLoader(
         dataset, transform, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers, **kwargs,
     )
@@ -183,19 +192,22 @@ def _dataset_loader(data_cfg: Any, dataset: Dataset, source: str, **kwargs: Any)
 
 
 def build_synthetic_loader(
-    data_cfg: Any, *, split: str, img_size: int, in_chans: int, **kwargs: Any
+    data_cfg: Any, *, split: str, img_size: int, in_chans: int, augment: FinetuneAugment | None = None, **kwargs: Any
 ) -> EpochLoader:
     dataset_seed = SYNTHETIC_TRAIN_SEED if split == "train" else SYNTHETIC_EVAL_SEED
     dataset = SyntheticShapes(data_cfg.synthetic_size, img_size, seed=dataset_seed, channels=in_chans)
     return _dataset_loader(
-        data_cfg, dataset, f"the synthetic {split} split", img_size=img_size, in_chans=in_chans, **kwargs
+        data_cfg, dataset, f"the synthetic {split} split", img_size=img_size, in_chans=in_chans, augment=augment,
+        **kwargs,
     )
 
 
-def build_folder_loader(data_cfg: Any, *, split: str, in_chans: int, **kwargs: Any) -> EpochLoader:
+def build_folder_loader(
+    data_cfg: Any, *, split: str, in_chans: int, augment: FinetuneAugment | None = None, **kwargs: Any
+) -> EpochLoader:
     dataset = ImageFolderDataset(data_cfg.path, split=split, channels=in_chans)
     dataset.check_first_array()
-    return _dataset_loader(data_cfg, dataset, str(dataset.root), in_chans=in_chans, **kwargs)
+    return _dataset_loader(data_cfg, dataset, str(dataset.root), in_chans=in_chans, augment=augment, **kwargs)
 
 
 # ---------------------------------------------------------------- every kind
@@ -212,6 +224,7 @@ def build_loader(
     train: bool = True,
     split: str | None = None,
     eval_subset: int | None = None,
+    augment: FinetuneAugment | None = None,
 ) -> Loader:
     """Build the :class:`Loader` described by ``data_cfg`` (a ``DataConfig``) for one rank.
 
@@ -221,20 +234,40 @@ def build_loader(
     ``eval_subset`` (eval mode only) visits that many evenly spaced images of the split.
     ``img_size`` (an int or [height, width]) and ``in_chans`` are the model's: batches are
     [B, in_chans, height, width], normalised with the statistics of data/stats.py.
+    ``augment`` (train mode): fine-tuning's RandAugment and random erasing, handed only to the kinds
+    that take an ``augment`` argument, and only when it does something.
     """
     check_data(data_cfg)  # the kind's own checks included
-    return data_kind(data_cfg.kind).builder()(
+    builder = data_kind(data_cfg.kind).builder()
+    extra = _augment_argument(builder, data_cfg.kind, augment if train else None)
+    return builder(
         data_cfg, img_size=img_size, in_chans=in_chans, seed=seed, rank=rank, world_size=world_size, train=train,
-        split=split or ("train" if train else "val"), eval_subset=eval_subset,
+        split=split or ("train" if train else "val"), eval_subset=eval_subset, **extra,
     )
+
+
+def _augment_argument(builder: Callable[..., Loader], kind: str, augment: FinetuneAugment | None) -> dict:
+    """``{"augment": augment}`` when there is one to apply; a kind whose builder cannot take it is refused."""
+    if augment is None or not augment.active:
+        return {}
+    parameters = inspect.signature(builder).parameters.values()  # named, not **kwargs: taken means applied
+    if not any(parameter.name == "augment" for parameter in parameters):
+        raise ConfigError(
+            f"data.kind={kind} does not apply finetune.rand_augment_ops or finetune.random_erasing: set both to 0"
+        )
+    return {"augment": augment}
 
 
 def first_images(
     data_cfg: Any, *, img_size: int | Sequence[int], seed: int, count: int, split: str = "train", in_chans: int = 3
 ) -> torch.Tensor:
-    """The first ``count`` images of ``split``, un-augmented ([count, in_chans, H, W], normalised, on
-    the CPU whatever device the kind decodes to): a fixed set to reconstruct in figures."""
+    """``count`` evenly spaced images of ``split``, un-augmented ([count, in_chans, H, W], normalised,
+    on the CPU whatever device the kind decodes to): a fixed set to reconstruct in figures. Evenly
+    spaced rather than the first ones, because a folder lists its images class by class: the first
+    ``count`` would all show one class."""
     data_cfg = replace(data_cfg, batch_size=count, num_workers=0)
-    loader = build_loader(data_cfg, img_size=img_size, in_chans=in_chans, seed=seed, train=False, split=split)
+    loader = build_loader(
+        data_cfg, img_size=img_size, in_chans=in_chans, seed=seed, train=False, split=split, eval_subset=count
+    )
     with closing(loader.epoch(0)) as batches:  # frees the kind's workers or threads at once
         return next(batches).images.cpu()

@@ -20,9 +20,13 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ..sizes import image_hw
+from .finetune_augment import FinetuneAugment, RandAugment, random_erase
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Evaluation keeps the central 0.875 of the resized image: resize 256, crop 224 (MAE's FINETUNE.md, timm).
+EVAL_CROP_PCT = 0.875
 
 # torchvision's RandomResizedCrop makes this many attempts before falling back.
 CROP_ATTEMPTS = 10
@@ -160,6 +164,10 @@ class MAETrainTransform:
         self._box_ratio = (self.ratio[0] * output_aspect, self.ratio[1] * output_aspect)
 
     def __call__(self, img: Image.Image | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return _to_normalised_float(self.crop_and_flip(img, generator), self.mean, self.std, self.clip)
+
+    def crop_and_flip(self, img: Image.Image | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The random-resized crop, flipped half the time, in the input's dtype."""
         image = _check_channels(to_image_tensor(img), self.mean)
         height, width = image.shape[-2:]
         box = sample_crop_box(height, width, self.scale, self._box_ratio, generator)
@@ -172,10 +180,32 @@ class MAETrainTransform:
         )
         if torch.rand(1, generator=generator).item() < 0.5:
             image = F.horizontal_flip(image)
-        return _to_normalised_float(image, self.mean, self.std, self.clip)
+        return image
 
     def __repr__(self) -> str:
-        return f"MAETrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class FinetuneTrainTransform(MAETrainTransform):
+    """Fine-tuning augmentation, timm's order: crop and flip, RandAugment on the 8-bit crop,
+    normalise, random erasing; every draw from ``generator`` (data/finetune_augment.py)."""
+
+    def __init__(self, img_size: int | Sequence[int], augment: FinetuneAugment, **kwargs) -> None:
+        super().__init__(img_size, **kwargs)
+        self.erasing = augment.random_erasing
+        self.rand_augment = None
+        if augment.rand_augment_ops > 0:
+            fill = [round(255 * m) for m in self.mean]  # the mean colour, as timm fills
+            self.rand_augment = RandAugment(
+                augment.rand_augment_ops, augment.rand_augment_magnitude, augment.rand_augment_magnitude_std, fill
+            )
+
+    def __call__(self, img: Image.Image | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        image = self.crop_and_flip(img, generator)
+        if self.rand_augment is not None:
+            image = self.rand_augment(image, generator)
+        image = _to_normalised_float(image, self.mean, self.std, self.clip)
+        return random_erase(image, self.erasing, generator)
 
 
 def cover_size(height: int, width: int, target: tuple[int, int]) -> list[int]:
@@ -190,7 +220,8 @@ def cover_size(height: int, width: int, target: tuple[int, int]) -> list[int]:
 class EvalTransform:
     """Deterministic eval transform: resize to cover size / crop_pct, centre crop to size.
 
-    For a square size that is the usual rule (short side to img_size / crop_pct).
+    For a square size that is the usual rule (short side to img_size / crop_pct), rounded down as
+    timm does: 224 -> 256, 32 -> 36.
     Accepts (and ignores) a generator so the loader can call every transform
     the same way.
     """
@@ -198,7 +229,7 @@ class EvalTransform:
     def __init__(
         self,
         img_size: int | Sequence[int],
-        crop_pct: float = 0.875,
+        crop_pct: float = EVAL_CROP_PCT,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         clip: bool = True,

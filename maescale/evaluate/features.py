@@ -44,7 +44,7 @@ def _load_weights(cfg: EncoderConfig, seed: int) -> MaskedAutoencoderViT:
         return load_weights_file(path, cfg.model)
     if not path.is_dir():
         raise FileNotFoundError(f"encoder.ckpt={cfg.ckpt!r}: no such checkpoint folder or weights file")
-    return load_model_weights(_model_of_run(path, cfg.model), path).eval()
+    return load_model_weights(_model_of_run(path, cfg.model), path, "encoder.ckpt").eval()
 
 
 def at_img_size(model: MaskedAutoencoderViT, img_size, key: str) -> MaskedAutoencoderViT:

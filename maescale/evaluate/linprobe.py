@@ -2,7 +2,8 @@
 
 Frozen encoder; its cls token (or mean patch token) goes through BatchNorm without affine
 parameters and one linear layer, trained with LARS at lr = blr * batch / 256, linear warmup
-then half-cosine; evaluated on center crops. With `linprobe.augment=false` the features of the
+then half-cosine; evaluated on center crops. The default blr keeps the paper's budget on any data
+size (`budget_blr`). With `linprobe.augment=false` the features of the
 center-cropped training images are extracted once and the head trains on them.
 
 Processes split the encoder work; the head (a few thousand parameters) then trains on the
@@ -52,6 +53,7 @@ class CachedTrainFeatures:
         check_head_batch(batch_size, len(train.features))
         self.features, self.labels, self.num_classes = train
         self.batch_size, self.seed = batch_size, seed
+        self.num_images = len(self.features)
         self.steps_per_epoch = len(self.features) // batch_size
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -69,6 +71,7 @@ class AugmentedTrainFeatures:
         self.loader, self.model, self.pool, self.device = loader, model, pool, device
         self.steps_per_epoch = loader.batches_per_epoch
         self.num_classes = loader.num_classes
+        self.num_images = loader.num_samples
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in self.loader.epoch(epoch):
@@ -76,9 +79,36 @@ class AugmentedTrainFeatures:
             yield all_gather_cat(features), all_gather_cat(batch.labels)
 
 
-def head_lr(cfg: EvalConfig) -> float:
+# The paper's probe: blr 0.1 for 90 epochs on ImageNet-1k's training images.
+PAPER_BLR, PAPER_EPOCHS, PAPER_TRAIN_IMAGES = 0.1, 90, 1_281_167
+# The largest peak lr of the default rule. Each LARS step moves the head by up to lr x 1e-3 / (1 - momentum)
+# of its norm: 26% at 25.6, measured stable (CIFAR-10 in docs/RESULTS.md; 16 classes of 20 images); at lr 50
+# the training loss spiked to 7x ln(classes), at 100 to 600x (the weight norm outgrows the features).
+MAX_BUDGET_LR = 25.6
+
+
+def budget_blr(train_images: int, epochs: int) -> float:
+    """The blr that moves the head as far as the paper's probe did. LARS scales each step of the
+    weight matrix to lr x 1e-3 of its norm, and lr = blr x batch / 256 over images x epochs / batch
+    steps, so the whole run moves it by about blr x images x epochs / 256 x 1e-3 whatever the batch:
+    the paper's blr on a small set leaves the head where it started. (`head_lr` caps the lr it gives.)"""
+    return PAPER_BLR * PAPER_TRAIN_IMAGES * PAPER_EPOCHS / (train_images * epochs)
+
+
+def head_lr(cfg: EvalConfig, train_images: int) -> tuple[float, str]:
+    """The head's peak lr and how it was chosen (for the log line)."""
     lp = cfg.linprobe
-    return scaled_lr(lp.blr, lp.batch_size, lp.lr)
+    if lp.lr is not None:
+        return lp.lr, "linprobe.lr"
+    if lp.blr is not None:
+        return scaled_lr(lp.blr, lp.batch_size), f"blr {lp.blr:.3g} x {lp.batch_size}/256"
+    blr = budget_blr(train_images, lp.epochs)
+    rule = (f"blr {blr:.3g} x {lp.batch_size}/256, blr = the paper's {PAPER_BLR} x {PAPER_TRAIN_IMAGES:,} images x "
+            f"{PAPER_EPOCHS} epochs / ({train_images:,} images x {lp.epochs} epochs)")
+    lr = scaled_lr(blr, lp.batch_size)
+    if lr > MAX_BUDGET_LR:
+        return MAX_BUDGET_LR, f"{rule} = {lr:.3g}, capped at {MAX_BUDGET_LR} for stable steps"
+    return lr, rule
 
 
 @torch.no_grad()
@@ -120,16 +150,18 @@ def _train_batches(cfg: EvalConfig, model, loader: Loader, run: EvalRun):
 
 def train_head(head: nn.Module, train, val: SplitFeatures, cfg: EvalConfig, run: EvalRun) -> tuple[dict, int]:
     """LARS on the head, warmup + cosine per step, evaluated after each epoch; (last result, steps)."""
-    lp, lr = cfg.linprobe, head_lr(cfg)
+    lp = cfg.linprobe
+    lr, lr_rule = head_lr(cfg, train.num_images)
     optimizer = LARS(head.parameters(), lr=lr, weight_decay=lp.weight_decay, momentum=lp.momentum)
     total = train.steps_per_epoch * lp.epochs
     run.save_config(
-        {"lr": lr, "world_size": run.world_size, "steps_per_epoch": train.steps_per_epoch, "total_steps": total}
+        {"lr": lr, "lr_rule": lr_rule, "world_size": run.world_size, "steps_per_epoch": train.steps_per_epoch,
+         "total_steps": total}
     )
     run.print(
         f"linprobe: {total} steps of {lp.batch_size} "
         f"({'augmented crops' if lp.augment else 'features extracted once'}), "
-        f"lr {lr:.3g} (blr {lp.blr:.3g} x {lp.batch_size}/256), LARS, {run.world_size} process(es)"
+        f"lr {lr:.3g} ({lr_rule}), LARS, {run.world_size} process(es)"
     )
     step, result = 0, {}
     for epoch in tqdm(range(lp.epochs), desc="linprobe", unit="epoch", disable=not run.is_main, dynamic_ncols=True):

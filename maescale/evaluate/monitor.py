@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from ..config import Config
 from ..data import build_loader
 from .accuracy import topk_accuracy
+from .config import refuse_same_images
 from .features import extract_features
 from .knn import knn_scores
 
@@ -21,6 +22,9 @@ from .knn import knn_scores
 class KnnMonitor:
     def __init__(self, cfg: Config, accelerator: Accelerator, img_size: int, embed_dim: int):
         self.cfg = cfg.monitor
+        if not self.cfg.allow_same_images:
+            refuse_same_images(cfg.data, ("monitor.bank_split", self.cfg.bank_split),
+                               ("monitor.val_split", self.cfg.val_split), "monitor.allow_same_images")
         self.accelerator = accelerator
         self.embed_dim = embed_dim
         self.bank = self._loader(cfg, img_size, self.cfg.bank_split, self.cfg.bank_images)

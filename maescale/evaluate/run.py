@@ -16,12 +16,13 @@ from .config import EvalConfig
 class EvalRun:
     """Process group (through the same seam as pretraining), output folder and metrics of one command."""
 
-    def __init__(self, cfg: EvalConfig, protocol: str):
+    def __init__(self, cfg: EvalConfig, protocol: str, layout: Layout | None = None):
         self.cfg = cfg
         self.protocol = protocol
-        # Evaluation runs data parallel in fp32 over the launched processes.
-        self.layout = Layout("ddp", parallel.launched_processes())
-        self.accelerator = parallel.build_accelerator(self.layout)
+        # Feature extraction runs data parallel in fp32 over the launched processes; fine-tuning
+        # brings the layout of its `parallel` section.
+        self.layout = layout or Layout("ddp", parallel.launched_processes())
+        self.accelerator = parallel.build_accelerator(self.layout, cfg.parallel.backend)
         self.output_dir = Path(cfg.output_dir)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)

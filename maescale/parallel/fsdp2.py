@@ -39,8 +39,8 @@ class FSDP2Options:
 
 
 def shard_fsdp2(model: nn.Module, mesh, options: FSDP2Options = FSDP2Options()) -> None:
-    """fully_shard groups of `blocks_per_unit` encoder blocks, the decoder blocks as one unit, then
-    the root (in place)."""
+    """fully_shard groups of `blocks_per_unit` encoder blocks, the decoder blocks (an MAE's) as one
+    unit, then the root (in place). A ViT classifier (fine-tuning) has encoder blocks only."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp_policy = MixedPrecisionPolicy()
@@ -55,12 +55,13 @@ def shard_fsdp2(model: nn.Module, mesh, options: FSDP2Options = FSDP2Options()) 
     encoder = [blocks[start:start + size] for start in range(0, len(blocks), size)]
     for unit in encoder:
         fully_shard(unit, reshard_after_forward=options.reshard_after_forward, **common)
-    decoder = list(model.decoder_blocks)
-    fully_shard(decoder, reshard_after_forward=False, **common)
+    decoder = list(getattr(model, "decoder_blocks", []))
+    if decoder:
+        fully_shard(decoder, reshard_after_forward=False, **common)
     fully_shard(model, reshard_after_forward=options.reshard_after_forward, **common)
     # set_custom_reduce_scatter: torch >= 2.9; older FSDP2 keeps its copy.
     if shard_size(mesh) == 1 and hasattr(model, "set_custom_reduce_scatter"):
-        for module in [*(unit[0] for unit in encoder), decoder[0], model]:
+        for module in [*(unit[0] for unit in encoder), *decoder[:1], model]:
             module.set_custom_reduce_scatter(ReduceOverOneRank())
 
 
