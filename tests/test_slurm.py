@@ -288,5 +288,7 @@ def test_finetune_job_requeues_at_the_warning_and_finishes(cluster, tmp_path):
     stopped = re.findall(r"stopped by SIGUSR1 at step (\d+)", log)
     assert len(stopped) == 1 and re.findall(r"resumed from \S+ at step (\d+)", log) == stopped, log[-3000:]
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
-    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 320  # 10 epochs of 256 / 8
+    derived = yaml.safe_load((run / "finetune_config.yaml").read_text())["derived"]
+    assert derived["world_size"] == 2 and derived["last_step"] == 160  # 10 epochs of 256 / (2 x 8)
+    assert steps == list(range(1, 161))
     assert (run / "finetuned.safetensors").is_file()
