@@ -194,6 +194,11 @@ def test_recipe_files_load_with_the_papers_values(tmp_path):
         assert (ft.blr, ft.layer_decay, ft.drop_path, ft.epochs) == expected
         assert (ft.rand_augment_ops, ft.rand_augment_magnitude, ft.rand_augment_magnitude_std) == (2, 9, 0.5)
         assert ft.random_erasing == 0.25 and configs[name].data.crop_min_scale == 0.08
+    scratch = configs["scratch_vit_b"]  # Table 11: from scratch, at its own best recipe
+    assert scratch.encoder.ckpt is None and scratch.encoder.model == "mae_vit_base_patch16"
+    ft = scratch.finetune
+    assert (ft.blr, ft.weight_decay, ft.beta2, ft.layer_decay, ft.epochs, ft.warmup_epochs, ft.ema_decay) == (
+        1e-4, 0.3, 0.95, 1.0, 300, 20, 0.9999)
     probe = configs["linprobe_imagenet"].linprobe
     assert (probe.batch_size, probe.blr, probe.epochs, probe.warmup_epochs) == (16384, 0.1, 90, 10)
     assert probe.weight_decay == 0 and configs["linprobe_imagenet"].encoder.pool == "cls"

@@ -273,7 +273,10 @@ class Finetuner:
         step, stopped_by = self._loop(start, stop)
         result = {}
         if stopped_by is None:
-            result = self.evaluate() if step % self.steps_per_epoch else self._last_result
+            result = self._last_result
+            if step % self.steps_per_epoch:  # the last step ends no epoch: evaluate it too
+                result = self.evaluate()
+                run.log({"step": step, "epoch": step / self.steps_per_epoch, **result})
             path = self.save()
             run.print(f"finetune {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  -> {path}")
         else:
