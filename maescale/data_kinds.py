@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol, Sequence
 
 from .errors import ConfigError
@@ -58,6 +59,11 @@ def no_checks(data_cfg: Any) -> None:
     """The checks of a kind that reads no config key of its own."""
 
 
+def split_name(data_cfg: Any, split: str) -> str:
+    """Which images a split reads, for a kind that knows only that splits of other names differ."""
+    return f"split {split!r}"
+
+
 @dataclass(frozen=True)
 class DataKind:
     build: LoaderBuilder | str
@@ -68,6 +74,9 @@ class DataKind:
     """The optional package the kind needs; commands import it up front and name the extra if missing."""
     help: str = ""
     """What the kind reads, for the help of ``data.kind``."""
+    images_of_split: Callable[[Any, str], str] = split_name
+    """Which images ``split`` reads, as a name: two splits with the same name read the same images
+    (evaluation refuses to score the images it trained on)."""
 
     def builder(self) -> LoaderBuilder:
         if not isinstance(self.build, str):
@@ -120,6 +129,22 @@ def _check_synthetic(data_cfg: Any) -> None:
         raise ConfigError("data.synthetic_size must be positive")
 
 
+def _synthetic_images(data_cfg: Any, split: str) -> str:
+    # 'train' is one seeded set of shapes, every other split name one other set.
+    return "the synthetic training images" if split == "train" else "the synthetic held-out images"
+
+
+def _folder_images(data_cfg: Any, split: str) -> str:
+    # A folder without that split's folder serves the split from its root.
+    root = Path(data_cfg.path).expanduser()
+    return str((root / split if (root / split).is_dir() else root).resolve())
+
+
+def _beton_images(data_cfg: Any, split: str) -> str:
+    root = Path(data_cfg.path).expanduser()
+    return str((root if root.is_file() else root / f"{split}.beton").resolve())
+
+
 def _check_ffcv(data_cfg: Any) -> None:
     check_path("a .beton file or a folder of <split>.beton")(data_cfg)
     if data_cfg.ffcv_order == "quasi_random" and data_cfg.ffcv_os_cache:
@@ -129,14 +154,14 @@ def _check_ffcv(data_cfg: Any) -> None:
 
 
 register_kind("synthetic", DataKind(
-    build="maescale.data.loader:build_synthetic_loader", check=_check_synthetic,
+    build="maescale.data.loader:build_synthetic_loader", check=_check_synthetic, images_of_split=_synthetic_images,
     help="generated shapes, data.synthetic_size images, no files",
 ))
 register_kind("folder", DataKind(
     build="maescale.data.loader:build_folder_loader", check=check_path("<root>/<class>/*.jpg or a folder of splits"),
-    help="an ImageNet-layout folder at data.path (pictures, .tif/.tiff, .npy)",
+    images_of_split=_folder_images, help="an ImageNet-layout folder at data.path (pictures, .tif/.tiff, .npy)",
 ))
 register_kind("ffcv", DataKind(
     build="maescale.data.ffcv_loader:build_ffcv_loader", check=_check_ffcv, extra=Extra("ffcv", "ffcv"),
-    help=".beton files from `maescale write-beton` at data.path",
+    images_of_split=_beton_images, help=".beton files from `maescale write-beton` at data.path",
 ))

@@ -8,7 +8,6 @@ unknown key or a wrong type fails with the key's name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Optional, Union
 
 from ..config import (
@@ -24,6 +23,7 @@ from ..config import (
     pool_option,
     raise_first_failure,
 )
+from ..data_kinds import data_kind
 from ..errors import ConfigError
 from ..layout import check_strategy_settings, zero_stage_of
 
@@ -207,17 +207,9 @@ class EvalConfig:
 
 
 def images_of_split(data: DataConfig, split: str) -> str:
-    """Which images `split` of `data` reads, as the kinds resolve it (two splits with the same answer
-    read the same images): a folder without that split folder serves it from its root, and the
-    synthetic kind draws 'train' from one seed and every other split from another."""
-    if data.kind == "synthetic":
-        return "the synthetic training images" if split == "train" else "the synthetic held-out images"
-    if data.kind not in ("folder", "ffcv") or not data.path:
-        return f"split {split!r}"
-    root = Path(data.path).expanduser()
-    if data.kind == "folder":
-        return str((root / split if (root / split).is_dir() else root).resolve())
-    return str((root if root.is_file() else root / f"{split}.beton").resolve())
+    """Which images `split` of `data` reads, as its kind resolves it: two splits with the same answer
+    read the same images."""
+    return data_kind(data.kind).images_of_split(data, split)
 
 
 def refuse_same_images(data: DataConfig, train: tuple[str, str], val: tuple[str, str], allow_key: str) -> None:
