@@ -436,12 +436,13 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve_resume(setting: str, output_dir: str | Path) -> Path | None:
-    """Which checkpoint to resume from: 'auto' (newest complete, if any), 'none', or a folder."""
+def resolve_resume(setting: str, output_dir: str | Path, root: Path | None = None) -> Path | None:
+    """Which checkpoint to resume from: 'auto' (newest complete in `root`, default output_dir's
+    checkpoints/, if any), 'none', or a folder."""
     if setting == "none":
         return None
     if setting == "auto":
-        return latest(checkpoint_root(output_dir))
+        return latest(root or checkpoint_root(output_dir))
     path = Path(setting)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint.resume={setting!r}: no such checkpoint folder")

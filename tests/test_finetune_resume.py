@@ -122,3 +122,27 @@ def test_finetune_refuses_the_pretraining_only_strategies(tmp_path):
     result = run_maescale(*finetune_args(tmp_path, "parallel.strategy=zero2"), ok=False)
     assert result.returncode == 2
     assert "parallel.strategy=zero2 is for pretraining: maescale finetune runs ddp, fsdp2 or hsdp" in result.stderr
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["cached_features", "augmented_crops"])
+def test_a_linear_probe_resumed_mid_epoch_ends_as_the_uninterrupted_one(tmp_path, augment):
+    """The head's checkpoint at step 5 (inside the second epoch of 4 steps) resumed in another folder:
+    the same head, the same accuracy after each later epoch."""
+    from maescale.config import load_config
+    from maescale.evaluate.config import EvalConfig
+    from maescale.evaluate.linprobe import HEAD_CHECKPOINTS, linprobe
+
+    def probe(out: Path, *extra: str) -> dict:
+        cfg = load_config(None, [*COMMON, f"output_dir={out}", "data.batch_size=32", "linprobe.batch_size=32",
+                                 "linprobe.epochs=3", "linprobe.warmup_epochs=1", f"linprobe.augment={augment}",
+                                 "checkpoint.every_steps=5", "checkpoint.keep_last=5", *extra], schema=EvalConfig)
+        return linprobe(cfg)
+
+    straight = probe(tmp_path / "straight")
+    step_5 = tmp_path / "straight" / HEAD_CHECKPOINTS / checkpoint.step_name(5)
+    resumed = probe(tmp_path / "resumed", f"checkpoint.resume={step_5}")
+    assert straight["steps"] == resumed["steps"] == 12
+    for a, b in zip(straight["head"].state_dict().values(), resumed["head"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    later = [(r["step"], r["top1"]) for r in read_metrics(tmp_path / "straight") if r["step"] > 5]
+    assert later == [(r["step"], r["top1"]) for r in read_metrics(tmp_path / "resumed")]

@@ -8,12 +8,19 @@ center-cropped training images are extracted once and the head trains on them.
 
 Processes split the encoder work; the head (a few thousand parameters) then trains on the
 full global batch on every process, so every process holds the same head and the result does
-not depend on the number of processes.
+not depend on the number of processes. The frozen encoder is replicated: even a 7B encoder's bf16
+weights (14 GB) fit one GPU for inference, so there is nothing to shard.
+
+The head resumes like a training run: a checkpoint of head and LARS state every
+`checkpoint.every_steps` and at a stop signal (in `output_dir/linprobe_checkpoints/`), and
+`checkpoint.resume=auto` continues at the exact step (the paper's 90 augmented epochs on ImageNet
+survive a requeue).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -22,14 +29,20 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import checkpoint
 from ..data import Loader, Stream, build_loader, seeded_generator
 from ..errors import ConfigError, DataError
 from ..optim import lr_at, scaled_lr, set_lr
+from ..parallel import any_process
+from ..train import StopRequest
 from .accuracy import topk_accuracy
 from .config import EvalConfig
 from .features import SplitFeatures, all_gather_cat, encode, eval_loader, load_encoder, split_features
 from .lars import LARS
 from .run import EvalRun
+
+# The head's checkpoints, apart from those of a fine-tuning run in the same output_dir.
+HEAD_CHECKPOINTS = "linprobe_checkpoints"
 
 
 def build_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -56,9 +69,9 @@ class CachedTrainFeatures:
         self.num_images = len(self.features)
         self.steps_per_epoch = len(self.features) // batch_size
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self.features), generator=seeded_generator(self.seed, epoch, Stream.HEAD_ORDER))
-        for step in range(self.steps_per_epoch):
+        for step in range(start, self.steps_per_epoch):
             rows = order[step * self.batch_size : (step + 1) * self.batch_size]
             yield self.features[rows], self.labels[rows]
 
@@ -73,8 +86,8 @@ class AugmentedTrainFeatures:
         self.num_classes = loader.num_classes
         self.num_images = loader.num_samples
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        for batch in self.loader.epoch(epoch):
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.loader.epoch(epoch, start_batch=start):
             features = encode(self.model, batch.images.to(self.device), self.pool).cpu()
             yield all_gather_cat(features), all_gather_cat(batch.labels)
 
@@ -121,7 +134,13 @@ def evaluate_head(head: nn.Module, features: Tensor, labels: Tensor) -> dict[str
 
 
 def linprobe(cfg: EvalConfig) -> dict:
-    """Train and evaluate the linear head; returns the final top-1 / top-5 (percent)."""
+    """Train and evaluate the linear head (resuming from `output_dir`); returns the final top-1 / top-5
+    (percent), or the signal that stopped it after a checkpoint."""
+    with StopRequest() as stop:
+        return _linprobe(cfg, stop)
+
+
+def _linprobe(cfg: EvalConfig, stop: StopRequest) -> dict:
     run = EvalRun(cfg, "linprobe")
     model = load_encoder(cfg.encoder, cfg.seed).to(run.accelerator.device)
     # Both loaders first: a bad split or a head batch larger than the split fails before any encoding.
@@ -132,13 +151,14 @@ def linprobe(cfg: EvalConfig) -> dict:
     train = _train_batches(cfg, model, train_loader, run)
     set_seed(cfg.seed)  # the same head on every process
     head = build_head(val.features.shape[1], max(train.num_classes, val.num_classes))
-    result, steps = train_head(head, train, val, cfg, run)
-    run.print(
-        f"linprobe {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-        f"({len(val.labels)} images)"
-    )
+    result, steps, stopped_by = train_head(head, train, val, cfg, run, stop)
+    if stopped_by is None:
+        run.print(f"linprobe {cfg.val_split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+                  f"({len(val.labels)} images)")
+    else:
+        run.print(f"stopped by {stopped_by} at step {steps}: run the same command again to resume")
     run.close()
-    return {**result, "val_images": len(val.labels), "steps": steps, "head": head}
+    return {**result, "val_images": len(val.labels), "steps": steps, "head": head, "stopped_by": stopped_by}
 
 
 def _train_batches(cfg: EvalConfig, model, loader: Loader, run: EvalRun):
@@ -148,9 +168,12 @@ def _train_batches(cfg: EvalConfig, model, loader: Loader, run: EvalRun):
     return CachedTrainFeatures(train, cfg.linprobe.batch_size, cfg.seed)
 
 
-def train_head(head: nn.Module, train, val: SplitFeatures, cfg: EvalConfig, run: EvalRun) -> tuple[dict, int]:
-    """LARS on the head, warmup + cosine per step, evaluated after each epoch; (last result, steps)."""
-    lp = cfg.linprobe
+def train_head(head: nn.Module, train, val: SplitFeatures, cfg: EvalConfig, run: EvalRun,
+               stop: StopRequest | None = None) -> tuple[dict, int, str | None]:
+    """LARS on the head, warmup + cosine per step, evaluated after each epoch, checkpointed every
+    `checkpoint.every_steps` and at a stop signal, resumed from `output_dir` (`checkpoint.resume`);
+    (last result, steps, the signal that stopped it or None)."""
+    lp, every = cfg.linprobe, cfg.checkpoint.every_steps
     lr, lr_rule = head_lr(cfg, train.num_images)
     optimizer = LARS(head.parameters(), lr=lr, weight_decay=lp.weight_decay, momentum=lp.momentum)
     total = train.steps_per_epoch * lp.epochs
@@ -163,10 +186,13 @@ def train_head(head: nn.Module, train, val: SplitFeatures, cfg: EvalConfig, run:
         f"({'augmented crops' if lp.augment else 'features extracted once'}), "
         f"lr {lr:.3g} ({lr_rule}), LARS, {run.world_size} process(es)"
     )
-    step, result = 0, {}
-    for epoch in tqdm(range(lp.epochs), desc="linprobe", unit="epoch", disable=not run.is_main, dynamic_ncols=True):
+    root = run.output_dir / HEAD_CHECKPOINTS
+    step, result = resume_head(head, optimizer, cfg, run, root), {}
+    first_epoch, start = divmod(step, train.steps_per_epoch)
+    epochs = range(first_epoch, lp.epochs)
+    for epoch in tqdm(epochs, desc="linprobe", unit="epoch", disable=not run.is_main, dynamic_ncols=True):
         losses = []
-        for features, labels in train.epoch(epoch):
+        for features, labels in train.epoch(epoch, start if epoch == first_epoch else 0):
             step_lr = lr_at(step, peak=lr, min_lr=lp.min_lr, steps_per_epoch=train.steps_per_epoch,
                             warmup_epochs=lp.warmup_epochs, epochs=lp.epochs)
             set_lr(optimizer, step_lr)
@@ -176,9 +202,30 @@ def train_head(head: nn.Module, train, val: SplitFeatures, cfg: EvalConfig, run:
             optimizer.step()
             losses.append(loss.detach())
             step += 1
+            stopping = stop is not None and any_process(stop.requested)
+            if step % every == 0 or stopping:
+                checkpoint.save(head, optimizer, {"step": step}, root, step, cfg.checkpoint.keep_last, run.accelerator)
+            if stopping:
+                return result, step, stop.signal_name
         result = evaluate_head(head, val.features, val.labels)
+        # After a resume inside an epoch, its mean loss is that of the steps after the resume.
         run.log({"step": step, "epoch": epoch + 1, "loss": torch.stack(losses).mean().item(), "lr": step_lr, **result})
-    return result, step
+    return result, step, None
+
+
+def resume_head(head: nn.Module, optimizer, cfg: EvalConfig, run: EvalRun, root: Path) -> int:
+    """The step to start from: 0, or that of the head checkpoint `checkpoint.resume` names, loaded."""
+    if run.is_main:
+        checkpoint.remove_partials(root)
+    run.accelerator.wait_for_everyone()
+    path = checkpoint.resolve_resume(cfg.checkpoint.resume, run.output_dir, root)
+    if path is None:
+        run.metrics.truncate_after(0, protocol="linprobe")
+        return 0
+    step = int(checkpoint.load(head, optimizer, path, run.accelerator)["step"])
+    run.metrics.truncate_after(step, protocol="linprobe")
+    run.print(f"resumed from {path} at step {step}")
+    return step
 
 
 def train_images(cfg: EvalConfig, model, run: EvalRun) -> Loader:
