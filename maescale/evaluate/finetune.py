@@ -162,7 +162,7 @@ class Finetuner:
         """The classifier, wrapped (DDP, a whole model) or sharded (FSDP2 units) by the layout, and
         AdamW stepping its local shards with layer-wise lr decay."""
         cfg, ft, layout, acc = self.cfg, self.cfg.finetune, self.run.layout, self.run.accelerator
-        set_seed(cfg.seed)  # identical head and drop-path streams on every process
+        set_seed(cfg.seed)  # the same head on every process
         model = classifier_from_mae(mae, self.classes, self.img_size, ft.drop_path)
         model.set_grad_checkpointing(bool(cfg.parallel.activation_checkpointing))
         if layout.fsdp2_units:
