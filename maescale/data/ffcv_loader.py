@@ -242,15 +242,11 @@ def refuse_unless_rgb_square(img_size: int | list[int], in_chans: int) -> int:
 
 def build_ffcv_loader(
     data_cfg: Any, *, img_size: int | list[int], in_chans: int = 3, seed: int, rank: int, world_size: int,
-    train: bool, split: str, eval_subset: int | None = None, augment: Any = None,
+    train: bool, split: str, eval_subset: int | None = None,
 ) -> FFCVEpochLoader:
-    """The builder of ``data.kind=ffcv`` (maescale/data_kinds.py); ``data_cfg`` already checked."""
-    if augment is not None and augment.active:
-        # FFCV augments inside its compiled numba pipeline, with its own unseeded RNG.
-        raise ConfigError(
-            "data.kind=ffcv does not apply finetune.rand_augment_ops or finetune.random_erasing: set both to 0 "
-            "or use data.kind=folder"
-        )
+    """The builder of ``data.kind=ffcv`` (maescale/data_kinds.py); ``data_cfg`` already checked. It
+    takes no ``augment`` (so ``build_loader`` refuses fine-tuning's RandAugment and erasing): FFCV
+    augments inside its compiled pipeline, with its own unseeded random numbers."""
     side = refuse_unless_rgb_square(img_size, in_chans)
     path = beton_path(data_cfg.path, split)
     loader = FFCVEpochLoader(

@@ -95,7 +95,6 @@ def build_mixup(cfg: EvalConfig, classes: int) -> Mixup | None:
     return Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing, num_classes=classes)
 
 
-
 class WeightAverage:
     """An exponential moving average of the weights, tensor for tensor like the parameters (sharded
     ones included), so it lives, is checkpointed and resumes like them."""
@@ -238,24 +237,7 @@ class Finetuner:
         return {"ema": self.ema.state} if self.ema else None
 
     def save_checkpoint(self, step: int) -> Path:
-        return checkpoint.save(self.model, self.optimizer, {"step": step}, self.ckpt_root, step,
-                               self.cfg.checkpoint.keep_last, self.run.accelerator, extra=self._extra_state())
-
-    def resume_step(self) -> int:
-        """The step to start from: 0, or that of the checkpoint `checkpoint.resume` names, loaded."""
-        run = self.run
-        if run.is_main:
-            checkpoint.remove_partials(self.ckpt_root)
-        run.accelerator.wait_for_everyone()
-        path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, run.output_dir)
-        if path is None:
-            run.metrics.truncate_after(0, protocol="finetune")  # a fresh start replaces an earlier run's rows
-            return 0
-        state = checkpoint.load(self.model, self.optimizer, path, run.accelerator, extra=self._extra_state())
-        step = int(state["step"])
-        run.metrics.truncate_after(step, protocol="finetune")
-        run.print(f"resumed from {path} at step {step}")
-        return step
+        return self.run.save_checkpoint(self.model, self.optimizer, step, self.ckpt_root, self._extra_state())
 
     # ------------------------------------------------------------ loop
 
@@ -264,7 +246,7 @@ class Finetuner:
         run.save_config({"lr": self.peak_lr, "global_batch": self.global_batch, "world_size": run.world_size,
                          "steps_per_epoch": self.steps_per_epoch, "last_step": self.last_step,
                          "img_size": size_for_config(self.img_size)})
-        start = self.resume_step()
+        start = self.run.resume(self.model, self.optimizer, self.ckpt_root, self._extra_state())
         run.print(
             f"finetune: {self.last_step} steps of {self.global_batch} at {self.img_size[0]}x{self.img_size[1]} px, "
             f"lr {self.peak_lr:.3g} (blr {ft.blr:.3g} x {self.global_batch}/256), layer decay {ft.layer_decay}, "

@@ -20,7 +20,6 @@ survive a requeue).
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -29,7 +28,6 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import checkpoint
 from ..data import Loader, Stream, build_loader, seeded_generator
 from ..errors import ConfigError, DataError
 from ..optim import lr_at, scaled_lr, set_lr
@@ -187,7 +185,7 @@ def train_head(head: nn.Module, train, val: SplitFeatures, cfg: EvalConfig, run:
         f"lr {lr:.3g} ({lr_rule}), LARS, {run.world_size} process(es)"
     )
     root = run.output_dir / HEAD_CHECKPOINTS
-    step, result = resume_head(head, optimizer, cfg, run, root), {}
+    step, result = run.resume(head, optimizer, root), {}
     first_epoch, start = divmod(step, train.steps_per_epoch)
     epochs = range(first_epoch, lp.epochs)
     for epoch in tqdm(epochs, desc="linprobe", unit="epoch", disable=not run.is_main, dynamic_ncols=True):
@@ -204,28 +202,13 @@ def train_head(head: nn.Module, train, val: SplitFeatures, cfg: EvalConfig, run:
             step += 1
             stopping = stop is not None and any_process(stop.requested)
             if step % every == 0 or stopping:
-                checkpoint.save(head, optimizer, {"step": step}, root, step, cfg.checkpoint.keep_last, run.accelerator)
+                run.save_checkpoint(head, optimizer, step, root)
             if stopping:
                 return result, step, stop.signal_name
         result = evaluate_head(head, val.features, val.labels)
         # After a resume inside an epoch, its mean loss is that of the steps after the resume.
         run.log({"step": step, "epoch": epoch + 1, "loss": torch.stack(losses).mean().item(), "lr": step_lr, **result})
     return result, step, None
-
-
-def resume_head(head: nn.Module, optimizer, cfg: EvalConfig, run: EvalRun, root: Path) -> int:
-    """The step to start from: 0, or that of the head checkpoint `checkpoint.resume` names, loaded."""
-    if run.is_main:
-        checkpoint.remove_partials(root)
-    run.accelerator.wait_for_everyone()
-    path = checkpoint.resolve_resume(cfg.checkpoint.resume, run.output_dir, root)
-    if path is None:
-        run.metrics.truncate_after(0, protocol="linprobe")
-        return 0
-    step = int(checkpoint.load(head, optimizer, path, run.accelerator)["step"])
-    run.metrics.truncate_after(step, protocol="linprobe")
-    run.print(f"resumed from {path} at step {step}")
-    return step
 
 
 def train_images(cfg: EvalConfig, model, run: EvalRun) -> Loader:

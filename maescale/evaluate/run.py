@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .. import parallel
+from .. import checkpoint, parallel
 from ..config import save_resolved
 from ..layout import Layout
 from ..metrics import MetricsLogger
@@ -40,6 +40,24 @@ class EvalRun:
     def save_config(self, derived: dict) -> None:
         if self.is_main:
             save_resolved(self.cfg, self.output_dir / f"{self.protocol}_config.yaml", derived)
+
+    def resume(self, model, optimizer, root: Path, extra: dict | None = None) -> int:
+        """The step to start from: 0, or that of the checkpoint `checkpoint.resume` names (for 'auto' the
+        newest in `root`), loaded into `model`, `optimizer` and `extra`; this protocol's metric rows
+        after it are dropped (a resumed run logs them again)."""
+        if self.is_main:
+            checkpoint.remove_partials(root)
+        self.accelerator.wait_for_everyone()
+        path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.output_dir, root)
+        step = 0 if path is None else int(checkpoint.load(model, optimizer, path, self.accelerator, extra)["step"])
+        self.metrics.truncate_after(step, protocol=self.protocol)
+        if path is not None:
+            self.print(f"resumed from {path} at step {step}")
+        return step
+
+    def save_checkpoint(self, model, optimizer, step: int, root: Path, extra: dict | None = None) -> Path:
+        return checkpoint.save(model, optimizer, {"step": step}, root, step, self.cfg.checkpoint.keep_last,
+                               self.accelerator, extra=extra)
 
     def log(self, row: dict) -> None:
         self.metrics.log({"protocol": self.protocol, **row})
