@@ -67,13 +67,27 @@ class DataConfig:
     path: Optional[str] = opt(
         None,
         "Dataset root for kind=folder: <root>/<class>/*.jpg or a split folder; for kind=ffcv a .beton file or a folder "
-        "of <split>.beton."
+        "of <split>.beton; for kind=shards a folder of .tar shards (or of <split>/ folders of them), a brace pattern "
+        "(/data/{00000..00999}.tar, or pipe:CMD for shards a command streams) or a list file (.txt, one shard a "
+        "line, or a shard index .json); '{split}' in a pattern or list name becomes the split's name."
     )
     batch_size: int = opt(64, "Images per process per micro-batch.")
     num_workers: int = opt(
         2,
         "DataLoader worker processes per process (0 = load in the main process); kind=ffcv: decoding threads (0 counts "
         "as 1)."
+    )
+    decode: Literal["cpu", "gpu"] = opt(
+        "cpu",
+        "Where pictures are decoded and augmented. cpu: in the worker processes. gpu: the workers only read file "
+        "bytes; each batch's JPEGs are decoded and given the crop, flip and normalisation on this process's device "
+        "(nvJPEG on a GPU, the CPU without one), for when CPU workers cannot feed the GPUs (`maescale plan` prints "
+        "whether they can). kind=folder and kind=shards, RGB pictures."
+    )
+    shuffle_buffer: int = opt(
+        2048,
+        "kind=shards: samples each worker shuffles together (rounded to whole batches); larger mixes more shards "
+        "into a batch and holds more file bytes in memory (about this many files per worker)."
     )
     synthetic_size: int = opt(20000, "Number of images of the synthetic dataset.")
     crop_min_scale: float = opt(
@@ -454,6 +468,9 @@ def check_data(data: DataConfig) -> None:
          f"data.mean has {len(data.mean or ())} values but data.std {len(data.std or ())}: one per image channel each"),
         (data.mean is None or len(data.mean) > 0, "data.mean and data.std need one value per image channel"),
         (all(value > 0 for value in data.std or ()), f"data.std values must be positive, got {data.std}"),
+        (data.shuffle_buffer > 0, "data.shuffle_buffer must be positive"),
+        (data.decode == "cpu" or kind.device_decode,
+         f"data.decode=gpu decodes picture files; data.kind={data.kind} does not read them: use data.decode=cpu"),
     ])
     kind.check(data)
 

@@ -77,6 +77,9 @@ class DataKind:
     images_of_split: Callable[[Any, str], str] = split_name
     """Which images ``split`` reads, as a name: two splits with the same name read the same images
     (evaluation refuses to score the images it trained on)."""
+    device_decode: bool = False
+    """Whether the builder honours ``data.decode=gpu`` (workers read bytes, the device decodes them:
+    maescale/data/device_decode.py); other kinds refuse that setting."""
 
     def builder(self) -> LoaderBuilder:
         if not isinstance(self.build, str):
@@ -140,6 +143,15 @@ def _folder_images(data_cfg: Any, split: str) -> str:
     return str((root / split if (root / split).is_dir() else root).resolve())
 
 
+def _shard_images(data_cfg: Any, split: str) -> str:
+    # The shards the loader lists: a folder's split folder when it has one, else what data.path names.
+    spec = data_cfg.path.replace("{split}", split)
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return str((folder / split if (folder / split).is_dir() else folder).resolve())
+    return spec
+
+
 def _beton_images(data_cfg: Any, split: str) -> str:
     root = Path(data_cfg.path).expanduser()
     return str((root if root.is_file() else root / f"{split}.beton").resolve())
@@ -159,9 +171,16 @@ register_kind("synthetic", DataKind(
 ))
 register_kind("folder", DataKind(
     build="maescale.data.loader:build_folder_loader", check=check_path("<root>/<class>/*.jpg or a folder of splits"),
-    images_of_split=_folder_images, help="an ImageNet-layout folder at data.path (pictures, .tif/.tiff, .npy)",
+    images_of_split=_folder_images, device_decode=True,
+    help="an ImageNet-layout folder at data.path (pictures, .tif/.tiff, .npy)",
 ))
 register_kind("ffcv", DataKind(
     build="maescale.data.ffcv_loader:build_ffcv_loader", check=_check_ffcv, extra=Extra("ffcv", "ffcv"),
     images_of_split=_beton_images, help=".beton files from `maescale write-beton` at data.path",
+))
+register_kind("shards", DataKind(
+    build="maescale.data.shard_loader:build_shard_loader",
+    check=check_path("a folder of .tar shards, a brace pattern, pipe:CMD or a list file"),
+    images_of_split=_shard_images, device_decode=True,
+    help="webdataset-layout .tar shards (key.jpg + key.cls) named by data.path, streamed (`maescale write-shards`)",
 ))

@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import check_data
 from ..data_kinds import data_kind
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .base import Batch, Loader, PlannedLoader
+from .device_decode import DeviceDecoder, RawBatch, file_tensor
 from .finetune_augment import FinetuneAugment
-from .folder import ImageFolderDataset
+from .folder import ImageFolderDataset, is_array_file
 from .seeding import Stream, augment_seed, mask_seed, sample_mask_seed, seeded_generator
 from .stats import channel_stats
 from .synthetic import SyntheticShapes
@@ -78,6 +79,39 @@ class _AugmentedSamples(Dataset):
         return image, int(sample[1]), skipped, mask_seed(sample_seed)
 
 
+class _FileBytes(Dataset):
+    """``data.decode=gpu``: the bytes of ``dataset``'s picture files, decoded later on the device;
+    a file that cannot be read is replaced by the next one, as ``ImageFolderDataset`` does."""
+
+    def __init__(self, dataset: ImageFolderDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int, tuple[str, ...], int, str]:
+        index, sample_seed = key
+        paths, skipped = self.dataset.paths, []
+        for offset in range(len(paths)):
+            path = paths[(index + offset) % len(paths)]
+            try:
+                with open(path, "rb") as file:
+                    data = file_tensor(file.read())
+            except OSError:
+                skipped.append(path)
+                continue
+            return data, self.dataset.labels[(index + offset) % len(paths)], tuple(skipped), sample_seed, path
+        raise DataError(f"none of the {len(paths)} files under {self.dataset.root} could be read")
+
+
+def collate_raw(samples: Sequence[tuple[torch.Tensor, int, tuple[str, ...], int, str]]) -> RawBatch:
+    return RawBatch(
+        [data for data, *_ in samples], torch.tensor([label for _, label, *_ in samples], dtype=torch.int64),
+        torch.tensor([seed for *_, seed, _ in samples], dtype=torch.int64), tuple(path for *_, path in samples),
+        tuple(path for _, _, skipped, _, _ in samples for path in skipped),
+    )
+
+
 class _KeyBatches:
     """Lazily chunks this rank's indices into batches of (index, seed) keys.
 
@@ -122,13 +156,15 @@ class EpochLoader(PlannedLoader):
         num_workers: int = 0,
         train: bool = True,
         eval_subset: int | None = None,
+        decoder: DeviceDecoder | None = None,
     ) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.dataset = dataset
         self.transform = transform
         self.num_workers = int(num_workers)
-        self._samples = _AugmentedSamples(dataset, transform)
+        self.decoder = decoder
+        self._samples = _AugmentedSamples(dataset, transform) if decoder is None else _FileBytes(dataset)
         super().__init__(
             len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, train=train,
             eval_subset=eval_subset,
@@ -143,30 +179,33 @@ class EpochLoader(PlannedLoader):
             self._samples,
             batch_sampler=_KeyBatches(indices, self.batch_size, self.seed, epoch),
             num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_batch if self.decoder is None else collate_raw,
+            pin_memory=torch.cuda.is_available() and self.decoder is None,
             persistent_workers=False,
             # Its own generator: otherwise DataLoader draws a base seed from the global RNG
             # at each epoch start, so a run resumed mid-epoch would draw different masks.
             generator=seeded_generator(self.seed, epoch, Stream.LOADER),
         )
         for batch in loader:
-            self._report(batch.skipped)
+            if self.decoder is not None:
+                batch = self.decoder(batch)
+            report_skipped(batch.skipped)
             yield batch
 
-    def _report(self, skipped: tuple[str, ...]) -> None:
-        """Log each unreadable path once per process; done here, in the main process, because
-        worker processes restart every epoch and would repeat themselves."""
-        for path in skipped:
-            if path not in _reported_unreadable:
-                _reported_unreadable.add(path)
-                logger.warning("unreadable image %s: replaced by the next readable file", path)
+
+def report_skipped(skipped: tuple[str, ...]) -> None:
+    """Log each unreadable file once per process; done in the main process, because worker
+    processes restart every epoch and would repeat themselves."""
+    for path in skipped:
+        if path not in _reported_unreadable:
+            _reported_unreadable.add(path)
+            logger.warning("unreadable image %s: replaced by another readable picture", path)
 
 
 # ---------------------------------------------------------------- the synthetic and folder kinds
 
 
-def _transform(
+def build_transform(
     data_cfg: Any, img_size: int | Sequence[int], in_chans: int, train: bool, augment: FinetuneAugment | None
 ) -> Callable[..., torch.Tensor]:
     mean, std = channel_stats(data_cfg, in_chans)
@@ -181,11 +220,12 @@ def _transform(
 
 
 def _dataset_loader(data_cfg: Any, dataset: Dataset, source: str, **kwargs: Any) -> EpochLoader:
-    transform = _transform(
+    transform = build_transform(
         data_cfg, kwargs.pop("img_size"), kwargs.pop("in_chans"), kwargs["train"], kwargs.pop("augment")
     )
     loader = EpochLoader(
-        dataset, transform, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers, **kwargs,
+        dataset, transform, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers,
+        decoder=DeviceDecoder(transform) if data_cfg.decode == "gpu" else None, **kwargs,
     )
     loader.require_a_full_batch(source)
     return loader
@@ -207,6 +247,10 @@ def build_folder_loader(
 ) -> EpochLoader:
     dataset = ImageFolderDataset(data_cfg.path, split=split, channels=in_chans)
     dataset.check_first_array()
+    array_file = next((path for path in dataset.paths if is_array_file(path)), None)
+    if data_cfg.decode == "gpu" and array_file is not None:
+        raise ConfigError(f"data.decode=gpu decodes pictures, not multi-channel files like {array_file}: "
+                          f"use data.decode=cpu")
     return _dataset_loader(data_cfg, dataset, str(dataset.root), in_chans=in_chans, augment=augment, **kwargs)
 
 

@@ -32,6 +32,7 @@ class Stream(enum.IntEnum):
     MIXUP = 6  # fine-tuning: timm's Mixup draws (numpy's global RNG, seeded per step)
     QUASI_RANDOM = 7  # FFCV's page-local shuffle (data.ffcv_order=quasi_random)
     DROP_PATH = 8  # fine-tuning: stochastic depth (torch's global RNG, seeded per step)
+    SHUFFLE_BUFFER = 9  # kind=shards: the permutation of each shuffling window
 
 
 # ---------------------------------------------------------------- hashing
