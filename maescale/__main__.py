@@ -1,9 +1,9 @@
 """`maescale` / `python -m maescale`: the command-line entry point.
 
 Each subcommand parses its arguments, builds what it needs and runs; the work itself lives in
-the modules (train.py, viz.py, interop.py, evaluate/, bench.py, data/ffcv_writer.py). A user
-error (errors.USER_ERRORS) ends the command with one line, `maescale <command>: error: ...`,
-and exit code 2; anything else is a defect and keeps its traceback.
+the modules (train.py, viz.py, interop.py, evaluate/, bench.py, data/ffcv_writer.py,
+data/shard_writer.py). A user error (errors.USER_ERRORS) ends the command with one line,
+`maescale <command>: error: ...`, and exit code 2; anything else is a defect and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ def silence_uninformative_warnings() -> None:
         "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
         category=FutureWarning,
     )
+    # data.decode=gpu decodes with torchvision's decode_jpeg (nvJPEG), which torchvision 0.29 marks as
+    # moving to torchcodec; it is the decoder present wherever torchvision is, and the warning asks
+    # nothing of a user (the decoder is one function, data/device_decode.py: decode_pictures).
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
     logging.getLogger("torch.utils.cpp_extension").addFilter(_not_the_no_cuda_notice)
 
 
@@ -183,6 +187,15 @@ def cmd_write_beton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_write_shards(args: argparse.Namespace) -> int:
+    from .data.shard_writer import describe, write_shards
+
+    summary = write_shards(args.src, args.out, split=args.split, samples_per_shard=args.samples_per_shard,
+                           seed=args.seed, num_workers=args.workers)
+    print(describe(summary))
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from .data.stats import default_stats_path, format_floats, measure_channel_stats, write_stats_file
 
@@ -199,7 +212,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .plan import DEFAULT_HEADROOM, DEFAULT_UTILISATION, Setup, format_plan, format_sweep, lookup_gpu, plan, sweep
+    from .plan import (
+        CPU_LOADER_IMAGES_PER_CORE,
+        DEFAULT_HEADROOM,
+        DEFAULT_LOADER_CORES_PER_GPU,
+        DEFAULT_UTILISATION,
+        Setup,
+        data_feed,
+        format_plan,
+        format_sweep,
+        lookup_gpu,
+        plan,
+        sweep,
+    )
     from .train import model_from_config
 
     for flag, key in RETIRED_PLAN_FLAGS.items():
@@ -221,7 +246,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     with torch.device("meta"):
         model = model_from_config(cfg)
-    print(format_plan(plan(model, setup, gpu, mfu, headroom, name=cfg.model.name)))
+    planned = plan(model, setup, gpu, mfu, headroom, name=cfg.model.name)
+    loader_rate = CPU_LOADER_IMAGES_PER_CORE if args.loader_rate is None else args.loader_rate
+    cores = DEFAULT_LOADER_CORES_PER_GPU if args.cores_per_gpu is None else args.cores_per_gpu
+    print(format_plan(planned, data_feed(planned, loader_rate, cores)))
     return 0
 
 
@@ -376,6 +404,27 @@ def _add_write_beton_parser(sub) -> None:
     p.set_defaults(func=cmd_write_beton)
 
 
+def _add_write_shards_parser(sub) -> None:
+    p = sub.add_parser(
+        "write-shards",
+        help="write an ImageNet-layout folder as webdataset tar shards (for data.kind=shards)",
+        description="Store the pictures of <src>/<class>/ (JPEG, PNG, WebP as their original bytes; .bmp as PNG) in "
+        "<out>/00000.tar, 00001.tar, ... and index them in <out>/shards.json: per sample <key>.jpg|png|webp, "
+        "<key>.cls (label: sorted class folders) and <key>.json (source path, class). Samples are written in a "
+        "random order drawn from --seed, so every shard mixes the classes. Unreadable or truncated images are "
+        "reported and left out. The same folder and options always give the same shards.",
+    )
+    p.add_argument("--src", required=True, help="folder of class folders (or of split folders, with --split)")
+    p.add_argument("--out", required=True, help="new or empty folder to write, e.g. data/shards/train")
+    p.add_argument("--split", default="train", help="use <src>/<split> when present (default: train)")
+    p.add_argument("--samples-per-shard", type=int, default=1000,
+                   help="samples per .tar file (the last may hold fewer)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order the samples are written in")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes reading and checking files (0: in this process); the shards do not depend on it")
+    p.set_defaults(func=cmd_write_shards)
+
+
 def _add_stats_parser(sub) -> None:
     p = sub.add_parser(
         "stats",
@@ -431,6 +480,14 @@ def _add_plan_parser(sub) -> None:
                    "0.36-0.40, eager 0.27-0.33)")
     p.add_argument("--headroom", type=float, default=None,
                    help="share of GPU memory kept free for the CUDA context, NCCL and fragmentation (default 0.1)")
+    p.add_argument("--loader-rate", type=float, default=None, metavar="IMAGES_PER_SECOND_PER_CORE",
+                   help="images/s one CPU loader core delivers, set against the images/s the step consumes (default: "
+                   "data.kind=folder's JPEGs at 224 px per worker, docs/BENCHMARKS.md; the data line prints it). "
+                   "Measure it on your own data with `python benchmarks/loader.py --config RECIPE data.path=...`, "
+                   "which prints images/s per worker")
+    p.add_argument("--cores-per-gpu", type=int, default=None,
+                   help="CPU cores one GPU's loader workers can use; a step needing more is data-bound (default 12: "
+                   "a 96-core node's share per GPU with 8 GPUs, before the training processes take theirs)")
     for flag in RETIRED_PLAN_FLAGS:
         p.add_argument(flag, dest=_retired_dest(flag), nargs="?", const="", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_plan)
@@ -444,6 +501,7 @@ SUBCOMMAND_PARSERS = (
     _add_evaluation_parsers,
     _add_bench_parser,
     _add_write_beton_parser,
+    _add_write_shards_parser,
     _add_stats_parser,
     _add_plan_parser,
 )

@@ -6,7 +6,9 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
+
+T = TypeVar("T")
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -80,6 +82,40 @@ class Throughput:
     def rate(self) -> float:
         elapsed = time.perf_counter() - self._start
         value = self._images / elapsed if elapsed > 0 else 0.0
+        self.reset()
+        return value
+
+
+class DataWait:
+    """Host seconds per step spent blocked on the data, averaged over the window since the last `mean()` call.
+
+    Only the `next()` of the iterator handed to `timed` is on the clock, so what the training loop
+    does between two `next()` calls (the step, kNN checks, checkpoints, figures) never counts as
+    waiting for data. On a GPU the step returns before its kernels finish, so part of a wait may
+    overlap work still queued on the device: it bounds the device's idle time for data from above.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._seconds = 0.0
+        self._steps = 0
+
+    def timed(self, items: Iterator[T]) -> Iterator[T]:
+        """`items`, unchanged, each `next()` timed."""
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            self._seconds += time.perf_counter() - start
+            self._steps += 1
+            yield item
+
+    def mean(self) -> float:
+        value = self._seconds / self._steps if self._steps else 0.0
         self.reset()
         return value
 

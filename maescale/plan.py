@@ -22,11 +22,13 @@ fragmentation come on top, which is why batches "fit" only below `DEFAULT_HEADRO
 
 Step time is compute only: training FLOPs (`metrics.mae_train_flops_per_image`, with the
 second forward pass of full activation checkpointing) over a stated utilisation of the GPU's
-peak; communication, host overhead and data loading are not modelled.
+peak; communication, host overhead and data loading are not modelled. What that step consumes
+is set against what CPU loader cores deliver (`DataFeed`): whether the run is compute- or data-bound.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -39,10 +41,12 @@ __all__ = [
     "GPUS",
     "GPU",
     "ModelShape",
+    "DataFeed",
     "Plan",
     "Setup",
     "StepMemory",
     "block_saved_bytes_per_token",
+    "data_feed",
     "largest_fitting_batch",
     "model_shape",
     "plan",
@@ -60,6 +64,15 @@ DEFAULT_HEADROOM = 0.10
 # Utilisation of the peak FLOP/s the step time assumes by default: the compiled ViT-L/H bare steps
 # on an H200 reached 0.36-0.40 MFU, the eager ones 0.27-0.33 (docs/BENCHMARKS.md).
 DEFAULT_UTILISATION = 0.35
+
+# Images per second one CPU loader core delivers by default: the folder kind's JPEG decode, crop,
+# flip and normalise at 224 px, per worker, as measured in docs/BENCHMARKS.md ("Loader throughput").
+# Measure it on your own data with `python benchmarks/loader.py --config RECIPE data.path=...`.
+CPU_LOADER_IMAGES_PER_CORE = 150.0
+
+# Cores one GPU's loader workers can use by default: a 96-core node's share per GPU with 8 GPUs. The
+# training process takes some of it, so this is the most a GPU gets there, not a margin.
+DEFAULT_LOADER_CORES_PER_GPU = 12
 
 # DeepSpeed ZeRO-3's default `stage3_max_reuse_distance` (elements): once its trace of a step is
 # complete, a parameter used again within this many gathered elements is not released, so the
@@ -732,9 +745,17 @@ class Plan:
 
     @property
     def step_seconds(self) -> float | None:
+        """Compute time of one micro-batch step per GPU; None without a peak FLOP/s for the GPU."""
         if not self.peak_flops:
             return None
         return self.flops_per_image * self.setup.batch_size / (self.utilisation * self.peak_flops)
+
+    @property
+    def images_per_second(self) -> float | None:
+        """Images per second one GPU trains on at the plan's utilisation. Gradient accumulation does not
+        change it: an optimizer step of k micro-batches takes k micro-batch steps."""
+        step = self.step_seconds
+        return None if step is None else self.setup.batch_size / step
 
 
 def plan(model: str | nn.Module, setup: Setup, gpu: GPU, utilisation: float = DEFAULT_UTILISATION,
@@ -789,6 +810,35 @@ def peak_flops(gpu: GPU, precision: str) -> float | None:
     from .metrics import dense_peak_flops
 
     return dense_peak_flops(gpu.device_name, precision)
+
+
+@dataclass(frozen=True)
+class DataFeed:
+    """What one GPU's step consumes (images/s, None without a step time) against what CPU loader cores give."""
+
+    images_per_second: float | None
+    per_core: float  # images/s one loader core delivers
+    cores_per_gpu: int  # loader cores one GPU can have
+
+    @property
+    def cores_needed(self) -> int | None:
+        """Whole cores: a fraction of a core is still a core taken from the node."""
+        return None if self.images_per_second is None else math.ceil(self.images_per_second / self.per_core)
+
+    @property
+    def data_bound(self) -> bool:
+        needed = self.cores_needed
+        return needed is not None and needed > self.cores_per_gpu
+
+
+def data_feed(p: Plan, per_core: float = CPU_LOADER_IMAGES_PER_CORE,
+              cores_per_gpu: int = DEFAULT_LOADER_CORES_PER_GPU) -> DataFeed:
+    """The plan's images/s per GPU set against `per_core` images/s per loader core and `cores_per_gpu` cores."""
+    if not per_core > 0:
+        raise ConfigError(f"the loader rate (--loader-rate) must be positive, got {per_core}")
+    if cores_per_gpu < 1:
+        raise ConfigError(f"the cores per GPU (--cores-per-gpu) must be at least 1, got {cores_per_gpu}")
+    return DataFeed(p.images_per_second, per_core, cores_per_gpu)
 
 
 # --------------------------------------------------------------------------- report
@@ -846,7 +896,8 @@ def _memory_rows(p: Plan) -> list[tuple[str, int | None, int | None]]:
     ]
 
 
-def format_plan(p: Plan) -> str:
+def format_plan(p: Plan, feed: DataFeed | None = None) -> str:
+    """The report `maescale plan` prints; `feed` (default: `data_feed(p)`) sets its data line."""
     shape, setup = p.shape, p.setup
     lines = [
         f"{shape.name}: {shape.params / 1e6:.1f} M parameters ({shape.trainable / 1e6:.1f} M trained); encoder "
@@ -866,7 +917,7 @@ def format_plan(p: Plan) -> str:
     lines.append(f"  {'peak (allocated)':<56} {'':>7} {_gib(p.memory.peak):>8}  {verdict}; at {p.memory.peak_at}")
     if p.memory.host:
         lines.append(f"  host memory per process (offloaded state): {_gib(p.memory.host)} GiB")
-    lines += ["", _format_step(p), _format_fitting(p)]
+    lines += ["", _format_step(p), _format_data(p, feed or data_feed(p)), _format_fitting(p)]
     return "\n".join(lines)
 
 
@@ -876,10 +927,23 @@ def _format_step(p: Plan) -> str:
     head = f"step: {flops / 1e9:.1f} GFLOP per image{recompute} x {p.setup.batch_size}"
     if p.step_seconds is None:
         return head + f"; no {p.setup.precision} peak FLOP/s known for {p.gpu.name}"
-    per_gpu = p.setup.batch_size / p.step_seconds
+    per_gpu = p.images_per_second
     return (f"{head}; at {100 * p.utilisation:.0f}% of {p.peak_flops / 1e12:g} TFLOP/s: "
             f"{1000 * p.step_seconds:.1f} ms, {per_gpu:.0f} images/s per GPU, {per_gpu * p.setup.world_size:.0f} on "
             f"{p.setup.world_size} (compute only: no communication, host or data-loading time)")
+
+
+def _format_data(p: Plan, feed: DataFeed) -> str:
+    rate = f"a CPU loader core gives ~{feed.per_core:,.0f} (--loader-rate)"
+    if feed.images_per_second is None:
+        return f"data: no step time for {p.gpu.name}, so nothing to set against {rate}"
+    if feed.data_bound:
+        verdict = (f", more than the {feed.cores_per_gpu} it has (--cores-per-gpu): data-bound unless data.decode=gpu "
+                   "(workers only read the bytes, the GPU decodes)")
+    else:
+        verdict = f" of the {feed.cores_per_gpu} it has (--cores-per-gpu): compute-bound"
+    return (f"data: the step consumes {feed.images_per_second:,.0f} images/s per GPU at {100 * p.utilisation:.0f}% "
+            f"MFU; {rate}, so each GPU needs {feed.cores_needed:,} loader cores{verdict}")
 
 
 def _format_fitting(p: Plan) -> str:
@@ -910,7 +974,7 @@ def format_sweep(plans: list[Plan]) -> str:
              "|---|---|---|---|---|---|---|"]
     for p in plans:
         ms = f"{1000 * p.step_seconds:.1f}" if p.step_seconds else "-"
-        rate = f"{p.setup.batch_size / p.step_seconds:.0f}" if p.step_seconds else "-"
+        rate = f"{p.images_per_second:.0f}" if p.step_seconds else "-"
         fits = "yes" if p.memory.peak <= p.budget else "no"
         lines.append(f"| {p.shape.name} | {p.shape.params / 1e6:.1f} M | {p.memory.peak / GIB:.2f} | {fits} | "
                      f"{_largest(p)} | {ms} | {rate} |")

@@ -23,7 +23,14 @@ from .config import Config, ConfigError, save_resolved
 from .data import Batch, Loader, build_loader, first_images
 from .errors import DataError
 from .evaluate.monitor import KnnMonitor
-from .metrics import MetricsLogger, Throughput, accelerator_peak_flops, mae_train_flops_per_image, peak_memory_gib
+from .metrics import (
+    DataWait,
+    MetricsLogger,
+    Throughput,
+    accelerator_peak_flops,
+    mae_train_flops_per_image,
+    peak_memory_gib,
+)
 from .models import build_model
 from .optim import build_optimizer, effective_batch, lr_at, peak_lr, set_lr
 from .parallel import no_gradient_sync
@@ -353,10 +360,11 @@ class Trainer:
         window_loss = torch.zeros((), device=acc.device)
         window_steps = 0
         throughput = Throughput()
+        data_wait = DataWait()  # times only the stream's next(): the loop body below is not data wait
         bar = tqdm(total=s.last_step, initial=self.state.step, disable=not acc.is_main_process, unit="step",
                    dynamic_ncols=True)
         try:
-            for batches in stream:
+            for batches in data_wait.timed(stream):
                 lr = s.lr(self.state.step, cfg)
                 set_lr(self.optimizer, lr)
                 loss, updated = train_step(
@@ -374,7 +382,7 @@ class Trainer:
                 bar.update(1)
                 done = self.state.step >= s.last_step
                 if (done or self.state.step % cfg.train.log_every == 0) and window_steps:
-                    self._log(window_loss / window_steps, lr, throughput.rate(), bar)
+                    self._log(window_loss / window_steps, lr, throughput.rate(), data_wait.mean(), bar)
                     window_loss.zero_()
                     window_steps = 0
                 if self.knn_monitor and (done or self.state.step % cfg.monitor.knn_every == 0):
@@ -433,7 +441,7 @@ class Trainer:
                 f"Last good checkpoint: {latest or 'none'}. Lower optim.blr or enable optim.clip_grad."
             )
 
-    def _log(self, mean_loss: torch.Tensor, lr: float, images_per_sec: float, bar) -> None:
+    def _log(self, mean_loss: torch.Tensor, lr: float, images_per_sec: float, data_wait: float, bar) -> None:
         acc = self.accelerator
         loss = parallel.mean_across_processes(mean_loss)
         self._check_finite(loss)
@@ -443,6 +451,7 @@ class Trainer:
             "loss": loss.item(),
             "lr": lr,
             "images_per_sec": images_per_sec * acc.num_processes,
+            "data_wait": data_wait,  # mean seconds per step blocked on batches, main process
             "skipped_images": len(self.skipped),
             "nonfinite_skips": self.nonfinite_skips,
             "peak_memory_gib": peak_memory_gib(acc.device),  # of the main process

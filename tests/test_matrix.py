@@ -1,7 +1,9 @@
 """Every data kind x every command that reads data, as real short runs through the CLI.
 
-Kinds: synthetic (embedded), folder (JPEG files written here, one of them truncated) and ffcv
-(.beton files written from that folder with `maescale write-beton`). Commands: pretrain,
+Kinds: synthetic (embedded), folder (JPEG files written here, one of them truncated), ffcv
+(.beton files written from that folder with `maescale write-beton`) and shards (tar shards written
+from it with `maescale write-shards`); folder and shards also with data.decode=gpu (the device path,
+here on the CPU). Commands: pretrain,
 pretrain with the kNN monitor, visualize, linprobe (features once, and augmented), knn and
 finetune. Each kind pretrains once (module fixture); the other cells start from its checkpoint.
 Everything runs in this process, on the micro model with a few images, so a cell takes seconds.
@@ -21,7 +23,9 @@ from maescale.data import SyntheticShapes, kind_names
 from maescale.data.ffcv_compat import ffcv_available
 from maescale.metrics import read_metrics
 
-KINDS = ["synthetic", "folder", "ffcv"]
+KINDS = ["synthetic", "folder", "ffcv", "shards"]
+# Kinds read another way: "<kind>+<data key>=<value>".
+VARIANTS = ["folder+decode=gpu", "shards+decode=gpu"]
 TRAIN_IMAGES, VAL_IMAGES, BATCH = 48, 24, 8
 SOURCE_PX = 40  # JPEG side: larger than the 32 px crops, as photos are
 NEEDS_FFCV = pytest.mark.skipif(not ffcv_available(), reason="ffcv is not installed (pip install 'maescale[ffcv]')")
@@ -61,20 +65,35 @@ def beton_root(jpeg_root, tmp_path_factory) -> Path:
     return root
 
 
-def data_overrides(kind: str, request) -> list[str]:
-    """The data.* keys of a kind, with its files written on first use."""
+@pytest.fixture(scope="module")
+def shard_root(jpeg_root, tmp_path_factory) -> Path:
+    """train/ and val/ shards written from jpeg_root by `maescale write-shards` (the truncated file left out)."""
+    root = tmp_path_factory.mktemp("shards")
+    for split in ("train", "val"):
+        printed = maescale_printed("write-shards", "--src", jpeg_root, "--split", split, "--out", root / split,
+                                   "--samples-per-shard", 10, "--workers", 0)
+        assert "unreadable" in printed if split == "train" else "wrote" in printed
+    return root
+
+
+ROOTS = {"folder": "jpeg_root", "ffcv": "beton_root", "shards": "shard_root"}
+
+
+def data_overrides(variant: str, request) -> list[str]:
+    """The data.* keys of a kind (or variant), with its files written on first use."""
+    kind, _, setting = variant.partition("+")
     common = [f"data.kind={kind}", f"data.batch_size={BATCH}", "data.num_workers=0"]
+    common += [f"data.{setting}"] if setting else []
     if kind == "synthetic":
         return [*common, f"data.synthetic_size={TRAIN_IMAGES}"]
-    root = request.getfixturevalue("jpeg_root" if kind == "folder" else "beton_root")
-    return [*common, f"data.path={root}"]
+    return [*common, f"data.path={request.getfixturevalue(ROOTS[kind])}"]
 
 
 def kind_param(kind: str):
     return pytest.param(kind, marks=NEEDS_FFCV) if kind == "ffcv" else kind
 
 
-MATRIX_KINDS = [kind_param(kind) for kind in KINDS]
+MATRIX_KINDS = [kind_param(kind) for kind in [*KINDS, *VARIANTS]]
 
 PRETRAIN = ["model.name=mae_vit_micro_patch4", "schedule.epochs=2", "schedule.warmup_epochs=1", "optim.blr=2e-3",
             "train.log_every=1", "checkpoint.every_steps=100"]
@@ -100,12 +119,13 @@ def checkpoint_of(run: Path) -> Path:
 def test_pretrain(pretrained):
     kind, _, out, printed = pretrained
     rows = read_metrics(out)
-    readable = TRAIN_IMAGES - (kind == "ffcv")  # write-beton leaves the truncated file out
+    written = kind.startswith(("ffcv", "shards"))  # write-beton and write-shards leave the truncated file out
+    readable = TRAIN_IMAGES - written
     assert [r["step"] for r in rows] == list(range(1, 2 * (readable // BATCH) + 1))
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert (out / "reconstruction.png").is_file() and checkpoint_of(out).name == f"step_{len(rows):08d}"
-    # The truncated file: replaced and counted by the folder kind, left out of the .beton by write-beton.
-    assert rows[-1]["skipped_images"] == (1 if kind == "folder" else 0)
+    # The truncated file: replaced and counted by the folder kind (either decoder), left out by the writers.
+    assert rows[-1]["skipped_images"] == (1 if kind.startswith("folder") else 0)
     assert printed.count("unreadable image") == 0  # reported through logging, not printed
 
 
