@@ -249,7 +249,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     planned = plan(model, setup, gpu, mfu, headroom, name=cfg.model.name)
     loader_rate = CPU_LOADER_IMAGES_PER_CORE if args.loader_rate is None else args.loader_rate
     cores = DEFAULT_LOADER_CORES_PER_GPU if args.cores_per_gpu is None else args.cores_per_gpu
-    print(format_plan(planned, data_feed(planned, loader_rate, cores)))
+    print(format_plan(planned, data_feed(planned, loader_rate, cores, device_decode=cfg.data.decode == "gpu")))
     return 0
 
 

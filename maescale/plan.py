@@ -819,6 +819,7 @@ class DataFeed:
     images_per_second: float | None
     per_core: float  # images/s one loader core delivers
     cores_per_gpu: int  # loader cores one GPU can have
+    device_decode: bool = False  # data.decode=gpu: the cores only read bytes, the GPU decodes
 
     @property
     def cores_needed(self) -> int | None:
@@ -832,13 +833,13 @@ class DataFeed:
 
 
 def data_feed(p: Plan, per_core: float = CPU_LOADER_IMAGES_PER_CORE,
-              cores_per_gpu: int = DEFAULT_LOADER_CORES_PER_GPU) -> DataFeed:
+              cores_per_gpu: int = DEFAULT_LOADER_CORES_PER_GPU, device_decode: bool = False) -> DataFeed:
     """The plan's images/s per GPU set against `per_core` images/s per loader core and `cores_per_gpu` cores."""
     if not per_core > 0:
         raise ConfigError(f"the loader rate (--loader-rate) must be positive, got {per_core}")
     if cores_per_gpu < 1:
         raise ConfigError(f"the cores per GPU (--cores-per-gpu) must be at least 1, got {cores_per_gpu}")
-    return DataFeed(p.images_per_second, per_core, cores_per_gpu)
+    return DataFeed(p.images_per_second, per_core, cores_per_gpu, device_decode)
 
 
 # --------------------------------------------------------------------------- report
@@ -937,6 +938,10 @@ def _format_data(p: Plan, feed: DataFeed) -> str:
     rate = f"a CPU loader core gives ~{feed.per_core:,.0f} (--loader-rate)"
     if feed.images_per_second is None:
         return f"data: no step time for {p.gpu.name}, so nothing to set against {rate}"
+    if feed.device_decode:
+        return (f"data: the step consumes {feed.images_per_second:,.0f} images/s per GPU at {100 * p.utilisation:.0f}% "
+                "MFU; with data.decode=gpu the loader cores only read file bytes and the GPU decodes and crops "
+                "(its images/s per GPU: benchmarks/gpu_check.sh)")
     if feed.data_bound:
         verdict = (f", more than the {feed.cores_per_gpu} it has (--cores-per-gpu): data-bound unless data.decode=gpu "
                    "(workers only read the bytes, the GPU decodes)")

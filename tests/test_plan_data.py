@@ -102,3 +102,10 @@ def test_bad_data_flags_are_a_one_line_error(args, message):
     result = run_maescale(*PLAN, *args, ok=False)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == f"maescale plan: error: {message}"
+
+
+def test_with_device_decoding_the_line_counts_no_decoding_cores(h100_plan):
+    out = run_maescale(*PLAN, "data.kind=folder", "data.path=/data", "data.decode=gpu").stdout
+    line = next(line for line in out.splitlines() if line.startswith("data: "))
+    assert f"consumes {round(BATCH / h100_plan.step_seconds):,} images/s per GPU" in line
+    assert "loader cores only read file bytes" in line and "data-bound" not in line
