@@ -3,6 +3,7 @@
     python benchmarks/gpu_suite.py sweep   --out DIR    # images/s per batch size; best batch per model
     python benchmarks/gpu_suite.py best    --out DIR    # at the best batch: plain eager vs compiled (whole, per block)
     python benchmarks/gpu_suite.py encoder --out DIR    # encoder-only vs mask tokens in the encoder
+    python benchmarks/gpu_suite.py decode  --out DIR    # data.decode=gpu vs one CPU worker core, images/s
 
 Every row goes to DIR/results.jsonl (with its section) and, as Markdown, to DIR/table.md.
 `sweep` writes DIR/best_batch.json, which the later sections read. Defaults are the
@@ -101,7 +102,69 @@ def encoder(args: argparse.Namespace) -> None:
                  {"mask_tokens_in_encoder": StepVariant(mask_tokens_in_encoder=True), "encoder_only": StepVariant()})
 
 
-SECTIONS = {"sweep": sweep, "best": best, "encoder": encoder}
+def write_photos(folder: Path, count: int) -> list[Path]:
+    """``count`` photo-sized JPEGs (500 x 375, quality 90, ImageNet's typical size) in folder/photo/:
+    smooth random colour fields with fine noise, so the entropy decoding has real work."""
+    import numpy as np
+    from PIL import Image
+
+    (folder / "photo").mkdir(parents=True, exist_ok=True)
+    paths = [folder / "photo" / f"{i:05d}.jpg" for i in range(count)]
+    rng = np.random.default_rng(0)
+    for path in paths:
+        if not path.is_file():
+            colours = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+            coarse = Image.fromarray(colours).resize((500, 375), Image.BICUBIC)
+            noisy = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (375, 500, 3))
+            Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return paths
+
+
+def decode(args: argparse.Namespace) -> None:
+    """data.decode=gpu's path (batched decode, then crop, flip and normalise on the device) against
+    what one DataLoader worker core does (Pillow decode and the same transform): images/s each."""
+    import time
+
+    from maescale.data.device_decode import DeviceDecoder, RawBatch, decode_device, file_tensor
+    from maescale.data.shard_loader import decode_picture
+    from maescale.data.transforms import MAETrainTransform
+
+    paths = write_photos(args.jpegs, args.decode_images)
+    files = [file_tensor(path.read_bytes()) for path in paths]
+    transform = MAETrainTransform(224)
+    device = torch.device(args.device) if args.device else decode_device()
+    decoder = DeviceDecoder(transform, device)
+    size = args.decode_batch
+    batches = [RawBatch(files[i : i + size], torch.zeros(len(files[i : i + size]), dtype=torch.int64),
+                        torch.arange(i, i + len(files[i : i + size])), ("",) * size, ())
+               for i in range(0, len(files), size)]
+
+    def device_pass() -> int:
+        images = [decoder(batch).images for batch in batches]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return sum(len(i) for i in images)
+
+    def worker_core_pass() -> int:
+        for index, data in enumerate(files[: max(size, len(files) // 8)]):
+            transform(decode_picture(bytes(data.numpy())), torch.Generator().manual_seed(index))
+        return max(size, len(files) // 8)
+
+    torch.set_num_threads(1)  # the worker path as one worker process runs it
+    rows = []
+    for name, run in ((f"data.decode=gpu ({device.type}, batch {size})", device_pass),
+                      ("data.decode=cpu, one worker core", worker_core_pass)):
+        run()  # warm-up: nvJPEG handles, file pages
+        start = time.perf_counter()
+        images = sum(run() for _ in range(args.rounds))
+        rows.append({"path": name, "images": images, "images_per_s": images / (time.perf_counter() - start)})
+    ratio = rows[0]["images_per_s"] / rows[1]["images_per_s"]
+    rows[0]["cpu_cores_matched"] = ratio
+    _emit(args.out, "decode", rows, "| path | images/s | one worker core = 1 |", "| --- | ---: | ---: |",
+          lambda r: f"| {r['path']} | {r['images_per_s']:.0f} | {r['images_per_s'] / rows[1]['images_per_s']:.1f}x |")
+
+
+SECTIONS = {"sweep": sweep, "best": best, "encoder": encoder, "decode": decode}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds when comparing")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="best section: eager only")
+    parser.add_argument("--jpegs", type=Path, default=Path("/tmp/maescale-photos"), help="decode section: JPEG folder")
+    parser.add_argument("--decode-images", type=int, default=1024, help="decode section: JPEGs written and decoded")
+    parser.add_argument("--decode-batch", type=int, default=256, help="decode section: images per batch")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     SECTIONS[args.section](args)

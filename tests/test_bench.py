@@ -214,7 +214,7 @@ def test_gpu_check_script_is_valid_and_names_real_sections():
     subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=REPO, check=True)
     text = (REPO / "benchmarks/gpu_check.sh").read_text()
     sections = re.findall(r"^section (\w+) \d+", text, flags=re.M)
-    assert sections == ["sweep", "best"] and set(sections) <= set(gpu_suite.SECTIONS)
+    assert sections == ["sweep", "best", "decode"] and set(sections) <= set(gpu_suite.SECTIONS)
     for script in re.findall(r"python (benchmarks/\w+\.py)", text):
         assert (REPO / script).is_file(), script
     # The whole suite, over xdist workers one module each, its report in the output folder.
@@ -222,13 +222,16 @@ def test_gpu_check_script_is_valid_and_names_real_sections():
     assert '--junitxml="$out/junit.xml"' in text
     assert "-n 8 --dist loadscope" in text and "--timeout" in text
     # Every step has a time limit (kill-after included), and together they fit the 8 minutes
-    # (the trainer's runs once per strategy).
+    # (the trainer's runs once per strategy, the decode runs once per decoder).
     calls = re.findall(r"(?<![-\w])timeout (?:-s \w+ )?(?:-k (\d+) )?(\d+)", text)
     limits = [int(k or 0) + int(n) for k, n in calls] + [int(n) for n in re.findall(r"^section \w+ (\d+)", text, re.M)]
     per_strategy = int(re.search(r"timeout (\d+) python -m torch.distributed.run", text).group(1))
     strategies = re.search(r"for strategy in ([\w ]+);", text).group(1).split()
     assert strategies == ["ddp", "fsdp2"]
-    assert sum(limits) + per_strategy * (len(strategies) - 1) <= 8 * 60
+    per_decoder = int(re.search(r"timeout (\d+) python -m maescale pretrain", text).group(1))
+    decoders = re.search(r"for decode in ([\w ]+);", text).group(1).split()
+    assert decoders == ["gpu", "cpu"]
+    assert sum(limits) + per_strategy * (len(strategies) - 1) + per_decoder * (len(decoders) - 1) <= 8 * 60
 
 
 def test_gpu_suite_sections_on_cpu(tmp_path):
@@ -245,6 +248,14 @@ def test_gpu_suite_sections_on_cpu(tmp_path):
     assert sections == ["sweep", "sweep", "encoder", "encoder", "best"]
     assert rows[0]["precision"] == "bf16" and rows[-1]["variant"] == "eager"
     assert "### encoder" in (tmp_path / "table.md").read_text()
+
+
+def test_gpu_suite_decode_section_on_cpu(tmp_path):
+    gpu_suite.main(["decode", "--out", str(tmp_path), "--device", "cpu", "--rounds", "1", "--jpegs",
+                    str(tmp_path / "photos"), "--decode-images", "16", "--decode-batch", "8"])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [row["section"] for row in rows] == ["decode", "decode"] and all(row["images_per_s"] > 0 for row in rows)
+    assert len(list((tmp_path / "photos" / "photo").glob("*.jpg"))) == 16
 
 
 def test_forward_backward_only_variant_leaves_the_weights():

@@ -227,7 +227,7 @@ class ShardBatches(IterableDataset):
         return self._decoded(samples, seeds, ended_early)
 
     def _decoded(self, samples: list[Sample], seeds: list[int], ended_early: tuple[str, ...]) -> Batch:
-        pictures = [_decode(sample) for sample in samples]
+        pictures = [decode_picture(sample.data) for sample in samples]
         undecodable = tuple(s.name for s, picture in zip(samples, pictures) if picture is None)
         pictures, labels = fill_unreadable(pictures, [s.label for s in samples], samples[0].name)
         transform = self.loader.transform
@@ -240,9 +240,10 @@ def _batch_name(plan: EpochPlan, positions: list[int]) -> str:
     return f"the samples of {plan.url(plan.locate(positions[0])[0])} on"
 
 
-def _decode(sample: Sample) -> Image.Image | None:
+def decode_picture(data: bytes) -> Image.Image | None:
+    """Pillow's RGB picture of a file's bytes, None if it does not decode."""
     try:
-        with Image.open(io.BytesIO(sample.data)) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             return to_rgb(image)
     except Exception:  # noqa: BLE001 - Pillow raises many types on corrupt input
