@@ -50,7 +50,7 @@ def test_pretrain_resume_and_visualize_print_no_warning_lines(tmp_path, folder_w
     data = ["data.kind=folder", f"data.path={root}"]
     first = maescale("pretrain", f"output_dir={out}", *RUN, *data, "train.max_steps=2")
     # The unreadable file is read by the training loader and the figure images: one notice.
-    assert notice_lines(first.stderr) == [f"WARNING: unreadable image {bad}: replaced by the next readable file"]
+    assert notice_lines(first.stderr) == [f"WARNING: unreadable image {bad}: replaced by another readable picture"]
     resumed = maescale("pretrain", f"output_dir={out}", *RUN, *data)  # loads the step-2 checkpoint
     assert "resumed from" in resumed.stdout + resumed.stderr
     drawn = maescale("visualize", "--ckpt", out / "checkpoints" / "step_00000002", "--out", tmp_path / "f.png")
