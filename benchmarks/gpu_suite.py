@@ -126,7 +126,7 @@ def decode(args: argparse.Namespace) -> None:
     import time
 
     from maescale.data.device_decode import DeviceDecoder, RawBatch, decode_device, file_tensor
-    from maescale.data.shard_loader import decode_picture
+    from maescale.data.folder import decode_rgb
     from maescale.data.transforms import MAETrainTransform
 
     paths = write_photos(args.jpegs, args.decode_images)
@@ -147,7 +147,7 @@ def decode(args: argparse.Namespace) -> None:
 
     def worker_core_pass() -> int:
         for index, data in enumerate(files[: max(size, len(files) // 8)]):
-            transform(decode_picture(bytes(data.numpy())), torch.Generator().manual_seed(index))
+            transform(decode_rgb(data.numpy().tobytes()), torch.Generator().manual_seed(index))
         return max(size, len(files) // 8)
 
     torch.set_num_threads(1)  # the worker path as one worker process runs it

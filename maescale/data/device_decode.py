@@ -19,10 +19,12 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Sequence, TypeVar
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..errors import DataError
 from .base import Batch
+from .folder import decode_rgb
 from .seeding import mask_seed
 
 Item = TypeVar("Item")
@@ -65,13 +67,15 @@ def fill_unreadable(items: Sequence[Item | None], labels: Sequence[int], batch_o
 
 def decode_pictures(files: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """[3, H, W] uint8 RGB pictures on ``device``, None where a file does not decode. JPEGs are
-    decoded together on the device; other pictures (PNG, WebP) one by one on the CPU."""
+    decoded together on the device; other pictures (PNG, WebP, ...) one by one on the CPU by Pillow,
+    as the workers decode them under data.decode=cpu."""
     pictures: list[torch.Tensor | None] = [None] * len(files)
     jpegs = [i for i, data in enumerate(files) if bytes(data[:2].tolist()) == JPEG_MAGIC]
     for i, picture in zip(jpegs, _decode_jpegs([files[i] for i in jpegs], device)):
         pictures[i] = picture
     for i in sorted(set(range(len(files))) - set(jpegs)):
-        pictures[i] = _decode_one(lambda data=files[i]: decode_image(data, mode=ImageReadMode.RGB).to(device))
+        picture = decode_rgb(files[i].numpy().tobytes())
+        pictures[i] = None if picture is None else pil_to_tensor(picture).to(device)
     return pictures
 
 
@@ -80,15 +84,14 @@ def _decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch
         return []
     try:
         return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:  # one bad file fails the batch: find it
-        return [_decode_one(lambda data=data: decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                for data in files]
+    except RuntimeError:  # one bad file fails the batch (torchvision's error for corrupt or truncated files)
+        return [_decode_jpeg_or_none(data, device) for data in files]
 
 
-def _decode_one(decode: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+def _decode_jpeg_or_none(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     try:
-        return decode()
-    except RuntimeError:  # torchvision reports corrupt and truncated files as RuntimeError
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
         return None
 
 

@@ -13,6 +13,7 @@ the loader can warn about it.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -103,6 +104,16 @@ def load_rgb(path: str) -> Image.Image:
     with Image.open(path) as image:
         image.load()
         return to_rgb(image)
+
+
+def decode_rgb(data: bytes) -> Image.Image | None:
+    """The 8-bit RGB picture a file's bytes hold, as ``load_rgb`` reads it; None if it does not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return to_rgb(image)
+    except Exception:  # noqa: BLE001 - Pillow raises many types on corrupt input
+        return None
 
 
 def read_image(path: str, channels: int) -> Image.Image | torch.Tensor:

@@ -26,7 +26,6 @@ process still yields its full count of batches.
 from __future__ import annotations
 
 import bisect
-import io
 import itertools
 import logging
 from dataclasses import dataclass
@@ -34,13 +33,12 @@ from functools import cached_property
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError, DataError
 from .base import Batch, PlannedLoader
 from .device_decode import DeviceDecoder, RawBatch, file_tensor, fill_unreadable
-from .folder import to_rgb
+from .folder import decode_rgb
 from .loader import build_transform, report_skipped
 from .seeding import Stream, augment_seed, derive_seed, mask_seed, seeded_generator, shuffled_order
 from .tar_shards import Sample, ShardList, ShardReader, list_shards
@@ -227,7 +225,7 @@ class ShardBatches(IterableDataset):
         return self._decoded(samples, seeds, ended_early)
 
     def _decoded(self, samples: list[Sample], seeds: list[int], ended_early: tuple[str, ...]) -> Batch:
-        pictures = [decode_picture(sample.data) for sample in samples]
+        pictures = [decode_rgb(sample.data) for sample in samples]
         undecodable = tuple(s.name for s, picture in zip(samples, pictures) if picture is None)
         pictures, labels = fill_unreadable(pictures, [s.label for s in samples], samples[0].name)
         transform = self.loader.transform
@@ -238,16 +236,6 @@ class ShardBatches(IterableDataset):
 
 def _batch_name(plan: EpochPlan, positions: list[int]) -> str:
     return f"the samples of {plan.url(plan.locate(positions[0])[0])} on"
-
-
-def decode_picture(data: bytes) -> Image.Image | None:
-    """Pillow's RGB picture of a file's bytes, None if it does not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
-    except Exception:  # noqa: BLE001 - Pillow raises many types on corrupt input
-        return None
 
 
 class ShardLoader(PlannedLoader):
