@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import logging
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Iterator, Sequence
@@ -42,8 +41,6 @@ from .folder import decode_rgb
 from .loader import build_transform, report_skipped
 from .seeding import Stream, augment_seed, derive_seed, mask_seed, seeded_generator, shuffled_order
 from .tar_shards import Sample, ShardList, ShardReader, list_shards
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
