@@ -97,6 +97,8 @@ def test_what_cannot_be_read_is_one_clear_line(shard_root, tmp_path):
         list_shards(str(tmp_path), "train")
     with pytest.raises(DataError, match="split folder not found"):
         list_shards(str(shard_root), "test")
+    with pytest.raises(DataError, match=r"2 process\(es\) x 8 worker stream\(s\) leave fewer than data.batch_size"):
+        build_loader(data_cfg(shard_root, "data.num_workers=8"), img_size=32, seed=0, world_size=2)
     with pytest.raises(ConfigError, match="reads RGB pictures, but model.in_chans=4"):
         build_loader(data_cfg(shard_root), img_size=32, in_chans=4, seed=0)
     printed = run_maescale("pretrain", f"output_dir={tmp_path / 'run'}", "data.kind=shards",

@@ -323,5 +323,10 @@ def build_shard_loader(
         num_workers=data_cfg.num_workers, train=train, eval_subset=eval_subset,
         shuffle_buffer=data_cfg.shuffle_buffer, decoder=DeviceDecoder(transform) if data_cfg.decode == "gpu" else None,
     )
-    loader.require_a_full_batch(f"the shards of data.path={shard_list.source}")
+    if train and loader.batches_per_epoch == 0:
+        raise DataError(
+            f"the {shard_list.num_samples} samples of data.path={shard_list.source} over {world_size} process(es) x "
+            f"{loader.shape.streams} worker stream(s) leave fewer than data.batch_size={data_cfg.batch_size} per "
+            f"stream: an epoch would have no full batch; lower data.batch_size or data.num_workers"
+        )
     return loader
