@@ -65,10 +65,10 @@ DEFAULT_HEADROOM = 0.10
 # on an H200 reached 0.36-0.40 MFU, the eager ones 0.27-0.33 (docs/BENCHMARKS.md).
 DEFAULT_UTILISATION = 0.35
 
-# Images per second one CPU loader core delivers by default: the folder kind's JPEG decode, crop,
-# flip and normalise at 224 px, per worker, as measured in docs/BENCHMARKS.md ("Loader throughput").
+# Images per second one CPU loader core delivers by default: the folder kind's JPEG decode, crop, flip
+# and normalise at 224 px on BSDS500 photos (481 x 321), per core, in docs/BENCHMARKS.md ("Data loaders").
 # Measure it on your own data with `python benchmarks/loader.py --config RECIPE data.path=...`.
-CPU_LOADER_IMAGES_PER_CORE = 150.0
+CPU_LOADER_IMAGES_PER_CORE = 370.0
 
 # Cores one GPU's loader workers can use by default: a 96-core node's share per GPU with 8 GPUs. The
 # training process takes some of it, so this is the most a GPU gets there, not a margin.
