@@ -341,3 +341,20 @@ def test_benchmark_pages_cite_existing_scripts_and_every_recorded_result():
     benchmarks_page = (REPO / "docs/BENCHMARKS.md").read_text()
     for name in recorded:
         assert name in benchmarks_page or any(fnmatch.fnmatch(name, p) for p in cited), name
+
+
+def test_the_loader_benchmark_reads_your_own_shards(tmp_path):
+    """`benchmarks/loader.py --config RECIPE key=value ...` times the loader pretraining builds, on any data."""
+    from conftest import maescale_printed
+    from test_matrix import write_jpeg_split
+
+    write_jpeg_split(tmp_path / "jpegs", 40, seed=3)
+    maescale_printed("write-shards", "--src", tmp_path / "jpegs", "--out", tmp_path / "shards",
+                     "--samples-per-shard", 10, "--workers", 0)
+    done = _script("benchmarks/loader.py", "--config", "configs/pretrain/vit_b.yaml", "model.name=mae_vit_micro_patch4",
+                   "data.kind=shards", f"data.path={tmp_path / 'shards'}", "data.batch_size=4", "data.num_workers=0",
+                   "--batches", "3", "--out", str(tmp_path / "rate.jsonl"))
+    assert "data.kind=shards decode=cpu" in done.stdout and "32x32 crops" in done.stdout
+    (row,) = [json.loads(line) for line in (tmp_path / "rate.jsonl").read_text().splitlines()]
+    suggested = re.search(r"--loader-rate (\d+)", done.stdout)
+    assert row["images_per_s"] > 0 and suggested and abs(int(suggested.group(1)) - row["images_per_core_s"]) <= 1
