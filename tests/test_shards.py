@@ -90,6 +90,19 @@ def test_a_folder_a_pattern_a_list_an_index_and_a_pipe_name_the_same_shards(shar
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
+def test_compressed_shards_read_the_same_samples(shard_root, tmp_path):
+    import gzip
+
+    folder = tmp_path / "gz"
+    folder.mkdir()
+    for shard in sorted((shard_root / "train").glob("*.tar")):
+        (folder / f"{shard.name}.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    plain, packed = (build_loader(data_cfg(path), img_size=32, seed=1) for path in (shard_root / "train", folder))
+    assert plain.num_samples == packed.num_samples == IMAGES
+    for a, b in zip(plain.epoch(0), packed.epoch(0)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
 def test_what_cannot_be_read_is_one_clear_line(shard_root, tmp_path):
     with pytest.raises(DataError, match="sample count of a pipe: shard must be given"):
         list_shards(f"pipe:cat {shard_root}/train/{{00000..00001}}.tar", "train")

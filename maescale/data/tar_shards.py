@@ -37,6 +37,7 @@ PICTURE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_NAME = "shards.json"
 INDEX_KIND = "wids-shard-index-v1"
 PIPE = "pipe:"
+TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")  # compressed shards are read too, but cannot seek over samples
 SPLIT_NAMES = ("train", "val")
 
 
@@ -114,7 +115,7 @@ def _shard_folder(folder: Path, split: str, source: str) -> ShardList:
         raise DataError(f"split folder not found: {folder / split}")
     if (folder / INDEX_NAME).is_file():
         return read_index(folder / INDEX_NAME, source=source)
-    tars = sorted(str(tar) for tar in folder.glob("*.tar"))
+    tars = sorted(str(tar) for pattern in TAR_PATTERNS for tar in folder.glob(pattern))
     if not tars:
         raise DataError(f"no .tar shards in {folder}")
     return _counted(tars, source=source)
@@ -225,9 +226,9 @@ class ShardReader:
         if url.startswith(PIPE):
             self._process = subprocess.Popen(url[len(PIPE):], shell=True, stdout=subprocess.PIPE)
             stream: IO[bytes] = self._process.stdout
-            self._tar = tarfile.open(fileobj=stream, mode="r|")
+            self._tar = tarfile.open(fileobj=stream, mode="r|*")  # plain, or gzip/bzip2/xz compressed
         else:
-            self._tar = tarfile.open(url, mode="r:")
+            self._tar = tarfile.open(url, mode="r:*")
 
     def __enter__(self) -> ShardReader:
         return self
