@@ -100,10 +100,10 @@ class DeviceDecoder:
 
     def __init__(self, transform: Callable[..., torch.Tensor], device: torch.device | None = None) -> None:
         self.transform = transform
-        self.device = device or decode_device()
+        self.device = device  # None: the current device at each batch, as the launcher set it by then
 
     def __call__(self, raw: RawBatch) -> Batch:
-        pictures = decode_pictures(raw.files, self.device)
+        pictures = decode_pictures(raw.files, self.device or decode_device())
         undecodable = tuple(name for name, picture in zip(raw.names, pictures) if picture is None)
         pictures, labels = fill_unreadable(pictures, raw.labels.tolist(), ", ".join(raw.names[:3]))
         seeds = raw.augment_seeds.tolist()
