@@ -20,6 +20,7 @@ with maescale's ``num_classes`` and ``classes`` beside them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -193,6 +194,14 @@ def _count_samples(url: str) -> tuple[int, int]:
         )
     if not Path(url).is_file():
         raise DataError(f"shard not found: {url}")
+    stat = Path(url).stat()
+    return _count_file(url, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=65536)
+def _count_file(url: str, mtime_ns: int, size: int) -> tuple[int, int]:
+    """The header count of one version of a file: once per process, though every loader of a run
+    (training, the figures, the kNN monitor) lists the shards again."""
     count, top_label = 0, -1
     with ShardReader(url) as reader:
         for sample in reader.samples(pictures=False):
