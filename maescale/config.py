@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .data_kinds import data_kind, kinds_help
+from .data_kinds import data_kind, kind_names, kinds_help
 from .errors import ConfigError
 from .layout import (
     STRATEGIES,
@@ -454,6 +454,10 @@ def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
             raise ConfigError(message)
 
 
+def _device_decode_kinds() -> str:
+    return ", ".join(name for name in kind_names() if data_kind(name).device_decode)
+
+
 def check_data(data: DataConfig) -> None:
     """The data checks of every command and of `build_loader`: their one home. The kind must be
     registered (maescale/data_kinds.py); the checks of its own keys follow the generic ones."""
@@ -470,7 +474,8 @@ def check_data(data: DataConfig) -> None:
         (all(value > 0 for value in data.std or ()), f"data.std values must be positive, got {data.std}"),
         (data.shuffle_buffer > 0, "data.shuffle_buffer must be positive"),
         (data.decode == "cpu" or kind.device_decode,
-         f"data.decode=gpu decodes picture files; data.kind={data.kind} does not read them: use data.decode=cpu"),
+         f"data.decode=gpu needs a kind whose workers hand over picture files ({_device_decode_kinds()}); "
+         f"data.kind={data.kind} does not: use data.decode=cpu"),
     ])
     kind.check(data)
 

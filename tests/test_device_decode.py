@@ -127,7 +127,7 @@ def test_filling_takes_the_next_present_item_cyclically():
 
 
 def test_kinds_without_picture_files_refuse_device_decoding(tmp_path):
-    with pytest.raises(ConfigError, match="data.decode=gpu decodes picture files; data.kind=synthetic"):
+    with pytest.raises(ConfigError, match=r"picture files \(folder, shards\); data.kind=synthetic does not"):
         load_config(None, ["data.kind=synthetic", "data.decode=gpu"])
     (tmp_path / "a").mkdir()
     np.save(tmp_path / "a" / "x.npy", np.zeros((4, 8, 8), np.float32))
