@@ -103,6 +103,39 @@ def test_compressed_shards_read_the_same_samples(shard_root, tmp_path):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
+def test_shards_served_over_http_read_as_local_ones(shard_root, tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(shard_root / "train"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler.log_message = lambda *args: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        index = json.loads((shard_root / "train" / "shards.json").read_text())
+        for entry in index["shardlist"]:
+            entry["url"] = f"http://127.0.0.1:{server.server_port}/{entry['url']}"
+        index["shardlist"][-1]["url"] += ".missing"  # a shard the server does not have: reported, refilled
+        (tmp_path / "web.json").write_text(json.dumps(index))
+        web = build_loader(data_cfg(tmp_path / "web.json"), img_size=32, seed=3)
+        local = build_loader(data_cfg(shard_root), img_size=32, seed=3)
+        web_batches, local_batches = list(web.epoch(0)), list(local.epoch(0))
+    finally:
+        server.shutdown()
+    assert len(web_batches) == len(local_batches)
+    skipped = {name for batch in web_batches for name in batch.skipped}
+    assert len(skipped) == 1 and "00008.tar.missing: 0 of 4 samples read (HTTPError" in skipped.pop()
+    last = local.shard_list.num_samples - 4  # the missing shard's first sample index
+    for a, b in zip(local_batches, web_batches):
+        intact = [i for i, s in enumerate(a.seeds.tolist()) if s not in _mask_seeds(3, 0, range(last, IMAGES))]
+        assert torch.equal(a.images[intact], b.images[intact])
+
+
+def _mask_seeds(seed: int, epoch: int, indices) -> set[int]:
+    return {sample_mask_seed(seed, epoch, index) for index in indices}
+
+
 def test_what_cannot_be_read_is_one_clear_line(shard_root, tmp_path):
     with pytest.raises(DataError, match="sample count of a pipe: shard must be given"):
         list_shards(f"pipe:cat {shard_root}/train/{{00000..00001}}.tar", "train")

@@ -8,7 +8,8 @@ present, its integer label (.cls); other members are passed over.
 
 Shards are named by ``data.path`` (see :func:`list_shards`): a folder of ``*.tar`` (or of
 ``<split>/`` folders of them), a brace pattern (``/data/{00000..00999}.tar``), a ``.txt`` list
-or a shard index ``.json``; any of these may stream through a command, ``pipe:CMD``, whose
+or a shard index ``.json``; a shard may be a web address (``https://...``) or stream through a
+command, ``pipe:CMD``, whose
 standard output is the tar file. Every shard's sample count must be known before an epoch is
 planned: from the index (``maescale write-shards`` writes one), from img2dataset's
 ``<shard>_stats.json``, or, for local files without either, by reading the tar headers once.
@@ -26,6 +27,7 @@ import logging
 import re
 import subprocess
 import tarfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterator, NamedTuple
@@ -38,6 +40,8 @@ PICTURE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_NAME = "shards.json"
 INDEX_KIND = "wids-shard-index-v1"
 PIPE = "pipe:"
+WEB = ("http://", "https://")
+WEB_TIMEOUT_S = 60  # a web shard that sends nothing for this long ends early (reported, refilled)
 TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")  # compressed shards are read too, but cannot seek over samples
 SPLIT_NAMES = ("train", "val")
 
@@ -45,7 +49,7 @@ SPLIT_NAMES = ("train", "val")
 @dataclass(frozen=True)
 class Shard:
     url: str
-    """A local path, or ``pipe:CMD`` whose standard output is the tar file."""
+    """A local path, an http(s):// address, or ``pipe:CMD`` whose standard output is the tar file."""
     samples: int
 
 
@@ -174,9 +178,14 @@ def _counted(urls: list[str], source: str) -> ShardList:
     return ShardList(tuple(shards), top_label + 1 if top_label >= 0 else None, source)
 
 
+def is_stream(url: str) -> bool:
+    """A shard read front to back only: a pipe: command's output or a web address."""
+    return url.startswith((PIPE, *WEB))
+
+
 def _stats_count(url: str) -> int | None:
     """The sample count img2dataset wrote beside a local shard (``00000_stats.json``, "successes")."""
-    if url.startswith(PIPE):
+    if is_stream(url):
         return None
     stats = Path(url).with_name(Path(url).stem + "_stats.json")
     try:
@@ -187,9 +196,9 @@ def _stats_count(url: str) -> int | None:
 
 def _count_samples(url: str) -> tuple[int, int]:
     """(samples, largest label) of a local shard, reading its headers and .cls members only."""
-    if url.startswith(PIPE):
+    if is_stream(url):
         raise DataError(
-            f"{url}: the sample count of a pipe: shard must be given: name the shards in a shard index .json "
+            f"{url}: the sample count of a streamed shard must be given: name the shards in a shard index .json "
             f"(shardlist of url and nsamples; `maescale write-shards` writes one)"
         )
     if not Path(url).is_file():
@@ -222,7 +231,8 @@ def sample_key(member_name: str) -> tuple[str, str]:
 
 class ShardReader:
     """The samples of one shard, in order. A local file is read with seeks, so samples passed over
-    (``read`` false for their members) cost a header read each; a pipe: shard streams through.
+    (``read`` false for their members) cost a header read each; a pipe: or http(s):// shard streams
+    through.
 
     ``ended_early`` is set when the tar stops mid-way (a truncated file, a failing command): the
     samples read until then are good, the rest are missing, and the caller reports it.
@@ -232,12 +242,14 @@ class ShardReader:
         self.url = url
         self.ended_early: str | None = None
         self._process: subprocess.Popen | None = None
+        self._stream: IO[bytes] | None = None
         if url.startswith(PIPE):
             self._process = subprocess.Popen(url[len(PIPE):], shell=True, stdout=subprocess.PIPE)
-            stream: IO[bytes] = self._process.stdout
-            self._tar = tarfile.open(fileobj=stream, mode="r|*")  # plain, or gzip/bzip2/xz compressed
-        else:
-            self._tar = tarfile.open(url, mode="r:*")
+            self._stream = self._process.stdout
+        elif url.startswith(WEB):
+            self._stream = urllib.request.urlopen(url, timeout=WEB_TIMEOUT_S)
+        # plain, or gzip/bzip2/xz compressed; a stream is read front to back, a file seeks
+        self._tar = tarfile.open(fileobj=self._stream, mode="r|*") if self._stream else tarfile.open(url, mode="r:*")
 
     def __enter__(self) -> ShardReader:
         return self
@@ -247,8 +259,9 @@ class ShardReader:
 
     def close(self) -> None:
         self._tar.close()
+        if self._stream is not None:
+            self._stream.close()
         if self._process is not None:
-            self._process.stdout.close()
             if self._process.poll() is None:
                 self._process.kill()
             self._process.wait()
