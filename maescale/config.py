@@ -69,7 +69,7 @@ class DataConfig:
         "Dataset root for kind=folder: <root>/<class>/*.jpg or a split folder; for kind=ffcv a .beton file or a folder "
         "of <split>.beton; for kind=shards a folder of .tar shards (or of <split>/ folders of them), a brace pattern "
         "(/data/{00000..00999}.tar; https:// addresses, or pipe:CMD for shards a command streams) or a list file "
-        "(.txt, one shard a line, or a shard index .json); '{split}' in a pattern or list name is the split name."
+        "(.txt, one shard a line, or a shard index .json); '{split}' in them stands for the split."
     )
     batch_size: int = opt(64, "Images per process per micro-batch.")
     num_workers: int = opt(
