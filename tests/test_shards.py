@@ -137,7 +137,7 @@ def _mask_seeds(seed: int, epoch: int, indices) -> set[int]:
 
 
 def test_what_cannot_be_read_is_one_clear_line(shard_root, tmp_path):
-    with pytest.raises(DataError, match="sample count of a pipe: shard must be given"):
+    with pytest.raises(DataError, match="sample count of a streamed shard must be given"):
         list_shards(f"pipe:cat {shard_root}/train/{{00000..00001}}.tar", "train")
     with pytest.raises(DataError, match="no .tar shards in"):
         list_shards(str(tmp_path), "train")
