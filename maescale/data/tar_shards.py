@@ -9,9 +9,8 @@ present, its integer label (.cls); other members are passed over.
 Shards are named by ``data.path`` (see :func:`list_shards`): a folder of ``*.tar`` (or of
 ``<split>/`` folders of them), a brace pattern (``/data/{00000..00999}.tar``), a ``.txt`` list
 or a shard index ``.json``; a shard may be a web address (``https://...``) or stream through a
-command, ``pipe:CMD``, whose
-standard output is the tar file. Every shard's sample count must be known before an epoch is
-planned: from the index (``maescale write-shards`` writes one), from img2dataset's
+command, ``pipe:CMD``, whose standard output is the tar file. Every shard's sample count must be
+known before an epoch is planned: from the index (``maescale write-shards`` writes one), from img2dataset's
 ``<shard>_stats.json``, or, for local files without either, by reading the tar headers once.
 
 The index is the one of webdataset's ``wids`` (``{"__kind__": "wids-shard-index-v1",
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, NamedTuple
 
 from ..errors import ConfigError, DataError
+from .folder import SPLIT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ PIPE = "pipe:"
 WEB = ("http://", "https://")
 WEB_TIMEOUT_S = 60  # a web shard that sends nothing for this long ends early (reported, refilled)
 TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")  # compressed shards are read too, but cannot seek over samples
-SPLIT_NAMES = ("train", "val")
 
 
 @dataclass(frozen=True)
