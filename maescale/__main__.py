@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from .config import describe_keys, load_config, required_extras
 from .errors import USER_ERRORS, require_extra
@@ -193,6 +194,18 @@ def cmd_write_shards(args: argparse.Namespace) -> int:
     summary = write_shards(args.src, args.out, split=args.split, samples_per_shard=args.samples_per_shard,
                            seed=args.seed, num_workers=args.workers)
     print(describe(summary))
+    return 0
+
+
+def cmd_index_shards(args: argparse.Namespace) -> int:
+    from .data.tar_shards import list_shards, write_index
+
+    shards = list_shards(args.shards, args.split)
+    out = Path(args.out).expanduser()
+    staging = write_index(out.with_name(out.name + ".partial"), shards.shards, shards.num_classes)
+    staging.replace(out)
+    print(f"wrote {out}: {len(shards.shards):,} shards, {shards.num_samples:,} samples, "
+          f"{shards.num_classes or 'no'} classes (data.kind=shards data.path={out})")
     return 0
 
 
@@ -425,6 +438,21 @@ def _add_write_shards_parser(sub) -> None:
     p.set_defaults(func=cmd_write_shards)
 
 
+def _add_index_shards_parser(sub) -> None:
+    p = sub.add_parser(
+        "index-shards",
+        help="count the samples of tar shards once and write their shard index (for data.kind=shards)",
+        description="Read the tar headers of local shards (named as data.path names them for data.kind=shards) and "
+        "write a shard index .json: webdataset's wids index of shard urls and sample counts, plus num_classes from "
+        "the .cls members. data.path=<the index> then starts without every process counting the shards again "
+        "(shards beside the index are named relative to it, others by their full path).",
+    )
+    p.add_argument("--shards", required=True, help="a folder of .tar shards, a brace pattern or a .txt list")
+    p.add_argument("--out", required=True, help="the index file to write, e.g. /data/shards/train.json")
+    p.add_argument("--split", default="train", help="what '{split}' in --shards stands for (default: train)")
+    p.set_defaults(func=cmd_index_shards)
+
+
 def _add_stats_parser(sub) -> None:
     p = sub.add_parser(
         "stats",
@@ -502,6 +530,7 @@ SUBCOMMAND_PARSERS = (
     _add_bench_parser,
     _add_write_beton_parser,
     _add_write_shards_parser,
+    _add_index_shards_parser,
     _add_stats_parser,
     _add_plan_parser,
 )

@@ -90,6 +90,26 @@ def test_a_folder_a_pattern_a_list_an_index_and_a_pipe_name_the_same_shards(shar
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
+def test_an_index_written_once_names_the_same_shards_and_counts(shard_root, tmp_path):
+    """`maescale index-shards`: counted once from the headers, then read by every loader without counting."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for shard in sorted((shard_root / "train").glob("*.tar")):
+        (copy / shard.name).write_bytes(shard.read_bytes())
+    beside, elsewhere = copy / "shards.json", tmp_path / "train.json"
+    for out in (beside, elsewhere):
+        printed = maescale_printed("index-shards", "--shards", f"{copy}/{{00000..00008}}.tar", "--out", out)
+        assert f"wrote {out}: 9 shards, {IMAGES} samples" in printed
+    urls = [entry["url"] for entry in json.loads(beside.read_text())["shardlist"]]
+    assert urls[0] == "00000.tar"  # beside the index: by name, so the folder can move
+    assert json.loads(elsewhere.read_text())["shardlist"][0]["url"] == str(copy / "00000.tar")
+    reference = build_loader(data_cfg(shard_root), img_size=32, seed=2)
+    for path in (copy, elsewhere):  # the folder reads its shards.json
+        indexed = build_loader(data_cfg(path), img_size=32, seed=2)
+        assert indexed.shard_list.num_classes == reference.shard_list.num_classes
+        assert torch.equal(indexed.rank_indices(0), reference.rank_indices(0))
+
+
 def test_compressed_shards_read_the_same_samples(shard_root, tmp_path):
     import gzip
 

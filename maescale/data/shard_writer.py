@@ -209,11 +209,8 @@ class _ShardSet:
         """Give every shard its final name, then write the index (aside first, then renamed)."""
         for shard in self.shards:
             os.replace(shard.url + PARTIAL, shard.url)
-        staging = self.out / (INDEX_NAME + PARTIAL)
-        staging.mkdir()
-        write_index(staging, self.shards, num_classes, classes)
-        os.replace(staging / INDEX_NAME, self.out / INDEX_NAME)
-        staging.rmdir()
+        staging = write_index(self.out / (INDEX_NAME + PARTIAL), self.shards, num_classes, classes)
+        os.replace(staging, self.out / INDEX_NAME)
 
     def discard(self) -> None:
         """Remove the partial files of a failed run."""

@@ -29,7 +29,7 @@ import tarfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator, NamedTuple
+from typing import IO, Callable, Iterator, NamedTuple, Sequence
 
 from ..errors import ConfigError, DataError
 from .folder import SPLIT_NAMES
@@ -147,15 +147,22 @@ def read_index(index: Path, source: str) -> ShardList:
     return ShardList(shards, content.get("num_classes"), source)
 
 
-def write_index(folder: Path, shards: list[Shard], num_classes: int | None, classes: list[str] | None = None) -> Path:
-    """Write ``folder/shards.json`` for shards stored in ``folder`` (urls relative to it)."""
-    entries = [{"url": Path(shard.url).name, "nsamples": shard.samples} for shard in shards]
+def write_index(index: Path, shards: Sequence[Shard], num_classes: int | None,
+                classes: list[str] | None = None) -> Path:
+    """Write the shard index file ``index``: a shard in the index's folder by its file name (so the
+    folder can move), any other as given."""
+    entries = [{"url": _url_from(index.parent, shard.url), "nsamples": shard.samples} for shard in shards]
     content = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": entries, "num_classes": num_classes}
     if classes is not None:
         content["classes"] = classes
-    path = folder / INDEX_NAME
-    path.write_text(json.dumps(content, indent=1) + "\n")
-    return path
+    index.write_text(json.dumps(content, indent=1) + "\n")
+    return index
+
+
+def _url_from(folder: Path, url: str) -> str:
+    if is_stream(url) or Path(url).resolve().parent != folder.resolve():
+        return url if is_stream(url) else str(Path(url).resolve())
+    return Path(url).name
 
 
 def _counted(urls: list[str], source: str) -> ShardList:
