@@ -169,12 +169,18 @@ def _counted(urls: list[str], source: str) -> ShardList:
     """Shards named without an index: counts from img2dataset's stats files, else from the headers."""
     if not urls:
         raise DataError(f"data.path={source!r} names no shards")
+    streamed = next((url for url in urls if is_stream(url)), None)
+    if streamed is not None:
+        raise DataError(
+            f"{streamed}: the sample count of a streamed shard must be given: name the shards in a shard index "
+            f".json (shardlist of url and nsamples; `maescale write-shards` writes one)"
+        )
     shards, top_label = [], -1
     stats_counts = {url: _stats_count(url) for url in urls}
     unindexed = sum(count is None for count in stats_counts.values())
     if unindexed:
-        logger.info("counting the samples of %d shards from their tar headers (a shard index skips this: "
-                    "`maescale write-shards` writes one)", unindexed)
+        logger.info("counting the samples of %d shards from their tar headers (`maescale index-shards` counts "
+                    "them once for every run)", unindexed)
     for url in urls:
         count = stats_counts[url]
         if count is None:
@@ -191,8 +197,6 @@ def is_stream(url: str) -> bool:
 
 def _stats_count(url: str) -> int | None:
     """The sample count img2dataset wrote beside a local shard (``00000_stats.json``, "successes")."""
-    if is_stream(url):
-        return None
     stats = Path(url).with_name(Path(url).stem + "_stats.json")
     try:
         return int(json.loads(stats.read_text())["successes"])
@@ -202,11 +206,6 @@ def _stats_count(url: str) -> int | None:
 
 def _count_samples(url: str) -> tuple[int, int]:
     """(samples, largest label) of a local shard, reading its headers and .cls members only."""
-    if is_stream(url):
-        raise DataError(
-            f"{url}: the sample count of a streamed shard must be given: name the shards in a shard index .json "
-            f"(shardlist of url and nsamples; `maescale write-shards` writes one)"
-        )
     if not Path(url).is_file():
         raise DataError(f"shard not found: {url}")
     stat = Path(url).stat()
