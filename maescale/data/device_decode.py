@@ -16,7 +16,7 @@ unreadable file by the next one.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -104,11 +104,18 @@ class DeviceDecoder:
 
     def __call__(self, raw: RawBatch) -> Batch:
         pictures = decode_pictures(raw.files, self.device or decode_device())
-        undecodable = tuple(name for name, picture in zip(raw.names, pictures) if picture is None)
-        pictures, labels = fill_unreadable(pictures, raw.labels.tolist(), ", ".join(raw.names[:3]))
-        seeds = raw.augment_seeds.tolist()
-        images = torch.stack([
-            self.transform(picture, torch.Generator().manual_seed(seed)) for picture, seed in zip(pictures, seeds)
-        ])
-        mask_seeds = torch.tensor([mask_seed(seed) for seed in seeds], dtype=torch.int64)
-        return Batch(images, torch.tensor(labels, dtype=torch.int64), raw.skipped + undecodable, mask_seeds)
+        return augmented_batch(pictures, raw.labels.tolist(), raw.augment_seeds.tolist(), raw.names, raw.skipped,
+                               self.transform)
+
+
+def augmented_batch(pictures: Sequence[Any], labels: Sequence[int], seeds: Sequence[int], names: Sequence[str],
+                    skipped: tuple[str, ...], transform: Callable[..., torch.Tensor]) -> Batch:
+    """The :class:`Batch` of decoded ``pictures`` (None where a file did not decode: replaced by the next
+    picture of the batch and reported by its name), each augmented with its own seed, wherever decoded."""
+    undecodable = tuple(name for name, picture in zip(names, pictures) if picture is None)
+    pictures, labels = fill_unreadable(pictures, labels, ", ".join(names[:3]))
+    images = torch.stack([
+        transform(picture, torch.Generator().manual_seed(seed)) for picture, seed in zip(pictures, seeds)
+    ])
+    mask_seeds = torch.tensor([mask_seed(seed) for seed in seeds], dtype=torch.int64)
+    return Batch(images, torch.tensor(labels, dtype=torch.int64), skipped + undecodable, mask_seeds)

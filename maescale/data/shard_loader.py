@@ -36,10 +36,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError, DataError
 from .base import Batch, PlannedLoader
-from .device_decode import DeviceDecoder, RawBatch, file_tensor, fill_unreadable
+from .device_decode import DeviceDecoder, RawBatch, augmented_batch, file_tensor, fill_unreadable
 from .folder import decode_rgb
 from .loader import build_transform, report_skipped
-from .seeding import Stream, augment_seed, derive_seed, mask_seed, seeded_generator, shuffled_order
+from .seeding import Stream, augment_seed, derive_seed, seeded_generator, shuffled_order
 from .tar_shards import Sample, ShardList, ShardReader, list_shards
 
 
@@ -219,17 +219,8 @@ class ShardBatches(IterableDataset):
         if self.loader.decoder is not None:
             return RawBatch([file_tensor(s.data) for s in samples], torch.tensor([s.label for s in samples]),
                             torch.tensor(seeds, dtype=torch.int64), tuple(s.name for s in samples), ended_early)
-        return self._decoded(samples, seeds, ended_early)
-
-    def _decoded(self, samples: list[Sample], seeds: list[int], ended_early: tuple[str, ...]) -> Batch:
-        pictures = [decode_rgb(sample.data) for sample in samples]
-        undecodable = tuple(s.name for s, picture in zip(samples, pictures) if picture is None)
-        pictures, labels = fill_unreadable(pictures, [s.label for s in samples], samples[0].name)
-        transform = self.loader.transform
-        images = torch.stack([transform(p, torch.Generator().manual_seed(s)) for p, s in zip(pictures, seeds)])
-        mask_seeds = torch.tensor([mask_seed(seed) for seed in seeds], dtype=torch.int64)
-        return Batch(images, torch.tensor(labels, dtype=torch.int64), ended_early + undecodable, mask_seeds)
-
+        return augmented_batch([decode_rgb(s.data) for s in samples], [s.label for s in samples], seeds,
+                               [s.name for s in samples], ended_early, self.loader.transform)
 
 def _batch_name(plan: EpochPlan, positions: list[int]) -> str:
     return f"the samples of {plan.url(plan.locate(positions[0])[0])} on"
