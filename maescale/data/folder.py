@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 from PIL import Image
@@ -30,6 +30,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 FOLDER_EXTENSIONS = IMAGE_EXTENSIONS | ARRAY_EXTENSIONS
 SPLIT_NAMES = ("train", "val")
 EXPECTED_LAYOUT = "root/<class>/<image>.jpg (or root/<split>/<class>/<image>.jpg)"
+
+T = TypeVar("T")
 
 # Pillow modes holding more than 8 bits per pixel; convert("RGB") would clip
 # them to white instead of scaling, so they are rescaled first.
@@ -182,6 +184,12 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> FolderSample:
+        image, label, skipped, _ = self.first_readable(index, lambda path: read_image(path, self.channels))
+        return FolderSample(image, label, skipped)
+
+    def first_readable(self, index: int, read: Callable[[str], T]) -> tuple[T, int, tuple[str, ...], str]:
+        """``read`` of image ``index``'s file, or of the next file it does not fail on (wrapping
+        around): (what it read, that file's label, the paths passed over, that file's path)."""
         if not 0 <= index < len(self.paths):
             raise IndexError(f"index {index} out of range for {len(self.paths)} images under {self.root}")
         skipped: list[str] = []
@@ -190,12 +198,12 @@ class ImageFolderDataset(Dataset):
             candidate = (index + offset) % len(self.paths)
             path = self.paths[candidate]
             try:
-                image = read_image(path, self.channels)
+                value = read(path)
             except Exception as error:  # noqa: BLE001 - decoders raise many types on corrupt input
                 skipped.append(path)
                 errors.append(f"{path}: {type(error).__name__}: {error}")
                 continue
-            return FolderSample(image, self.labels[candidate], tuple(skipped))
+            return value, self.labels[candidate], tuple(skipped), path
         raise DataError(
             f"none of the {len(self.paths)} images under {self.root} could be read; "
             f"first errors: {'; '.join(errors[:3])}"

@@ -13,6 +13,7 @@ import inspect
 import logging
 from contextlib import closing
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import check_data
 from ..data_kinds import data_kind
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from .base import Batch, Loader, PlannedLoader
 from .device_decode import DeviceDecoder, RawBatch, file_tensor
 from .finetune_augment import FinetuneAugment
@@ -91,17 +92,12 @@ class _FileBytes(Dataset):
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int, tuple[str, ...], int, str]:
         index, sample_seed = key
-        paths, skipped = self.dataset.paths, []
-        for offset in range(len(paths)):
-            path = paths[(index + offset) % len(paths)]
-            try:
-                with open(path, "rb") as file:
-                    data = file_tensor(file.read())
-            except OSError:
-                skipped.append(path)
-                continue
-            return data, self.dataset.labels[(index + offset) % len(paths)], tuple(skipped), sample_seed, path
-        raise DataError(f"none of the {len(paths)} files under {self.dataset.root} could be read")
+        data, label, skipped, path = self.dataset.first_readable(index, _file_bytes)
+        return data, label, skipped, sample_seed, path
+
+
+def _file_bytes(path: str) -> torch.Tensor:
+    return file_tensor(Path(path).read_bytes())
 
 
 def collate_raw(samples: Sequence[tuple[torch.Tensor, int, tuple[str, ...], int, str]]) -> RawBatch:
